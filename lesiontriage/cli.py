@@ -1,0 +1,145 @@
+"""`lesiontriage` console script. Grammar mirrors the Python API: `lesiontriage <task> <verb>`.
+
+Each sub-command is a thin wrapper: parse options, call one library function, print a rich
+table. Errors the user can fix are printed as one line on stderr (no traceback), exit code 1.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="lesiontriage: skin-lesion triage (research use only)")
+data_app = typer.Typer(no_args_is_help=True, help="Build the data manifest and synthetic scenes.")
+app.add_typer(data_app, name="data")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code=1)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging")) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+# ---- data -------------------------------------------------------------------------------------
+@data_app.command("build")
+def data_build(
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Shared data folder (default $LESIONTRIAGE_DATA or ../shared/data)"),
+    out: Path = typer.Option(Path("runs/data"), "--out", help="Output folder for manifest.parquet and data_report.json"),
+    report_copy: Optional[Path] = typer.Option(Path("models/reports/data_report.json"), "--report-copy", help="Also write the report here ('' to skip)"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Read every data set, unify labels, split leakage-free, write manifest + report."""
+    from lesiontriage.data.manifest import build_manifest
+    from lesiontriage.errors import DataError
+
+    try:
+        result = build_manifest(data_root=data_root, out_dir=out, seed=seed, report_copy=report_copy if str(report_copy or "") else None)
+    except DataError as exc:
+        _fail(str(exc))
+    from lesiontriage.data.manifest import counts_table
+
+    console.print(counts_table(result.manifest))
+    console.print(f"manifest: {result.manifest_path}  ({len(result.manifest)} rows, sha256 {result.manifest_hash[:12]})")
+
+
+# ---- more commands are registered below (scenes, train, predict, evaluate, bench) -------------
+
+# ---- predict ----------------------------------------------------------------------------------
+@app.command("predict")
+def predict(
+    inputs: list[Path] = typer.Argument(..., help="Image files and/or folders"),
+    out: Path = typer.Option(Path("results.csv"), "--out", help="CSV with one row per image"),
+    aggregate: str = typer.Option("mean", "--aggregate", help="mean | max | noisy_or"),
+    whole_image: bool = typer.Option(False, "--whole-image", help="Direct whole-image classifier instead of two-stage"),
+    as_json: bool = typer.Option(False, "--json", help="Also print one JSON result per image to stdout"),
+    models: Optional[Path] = typer.Option(None, "--models", help="Models folder (default: shipped models/)"),
+) -> None:
+    """Triage photos: CSV row per image (image, status, image_score, tier, n_lesions, lesions)."""
+    import csv
+
+    from rich.progress import track
+
+    from lesiontriage.aggregation import AGGREGATORS
+    from lesiontriage.batch import CSV_COLUMNS, expand_inputs, run_batch
+    from lesiontriage.errors import LesionTriageError
+    from lesiontriage.pipeline import TriagePipeline
+
+    if aggregate not in AGGREGATORS:
+        _fail(f"--aggregate {aggregate!r}: choose one of {', '.join(AGGREGATORS)}")
+    paths = expand_inputs(inputs)
+    if not paths:
+        _fail("no image files found in the given inputs")
+    try:
+        pipe = TriagePipeline.from_dir(models)
+    except LesionTriageError as exc:
+        _fail(str(exc))
+    n_err = 0
+    rows = run_batch(pipe, paths, aggregate, whole_image=whole_image)
+    if len(paths) > 1:
+        rows = track(rows, total=len(paths), description="triage", console=err_console)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row.csv_row())
+            if row.result is None:
+                n_err += 1
+                err_console.print(f"error: {row.image}: {row.status[len('error: '):]}", highlight=False, markup=False)
+            elif as_json:
+                sys.stdout.write(row.result.to_json() + "\n")
+    if not as_json:
+        console.print(f"{len(paths) - n_err} ok, {n_err} failed -> {out}")
+    if n_err:
+        raise typer.Exit(code=1)
+
+
+
+# ---- train ------------------------------------------------------------------------------------
+_TRAIN_DEFAULTS = {"detector": "detector", "classifier": "classifier", "image-classifier": "image_classifier"}
+
+
+@app.command("train")
+def train(
+    model: str = typer.Argument(..., help="detector | classifier | image-classifier"),
+    config: Optional[str] = typer.Option(None, "--config", help="TOML config (default: the packaged one for MODEL)"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from runs/<name>/checkpoint.pt"),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest parquet (default runs/data/manifest.parquet)"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root"),
+    export: bool = typer.Option(True, "--export/--no-export", help="Write the best weights + metadata to models/"),
+) -> None:
+    """Train one model; checkpoints go to runs/<name>/, the best epoch is exported to models/."""
+    if model not in _TRAIN_DEFAULTS:
+        _fail(f"unknown model {model!r}; choose one of {', '.join(_TRAIN_DEFAULTS)}")
+    cfg = config or _TRAIN_DEFAULTS[model]
+    if model == "detector":
+        from lesiontriage.train.detector import run_training
+    else:
+        from lesiontriage.train.classifier import run_training
+    out = run_training(cfg, resume=resume, manifest=manifest, data_root=data_root)
+    console.print(f"best: {out['best']}")
+    if export:
+        from lesiontriage.train.export import export_run
+
+        path = export_run(model, out, data_root=data_root, manifest_path=manifest)
+        console.print(f"exported to {path}")
+
+
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

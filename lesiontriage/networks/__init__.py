@@ -1,0 +1,1 @@
+"""Networks: ImageNet-initialised EfficientNet-Lite backbones, the lesion detector, the classifiers."""

@@ -1,0 +1,248 @@
+"""TriagePipeline: the one public entry point (app, CLI and evaluation all call it).
+
+photo -> decode + guards + quality gate -> detector -> crops -> classifier (temperature-scaled)
+-> aggregation -> tier. Per-lesion probabilities are kept in the result so the image score can be
+re-aggregated without running a network (``reaggregate``).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lesiontriage.aggregation import aggregate as aggregate_probs
+from lesiontriage.errors import ImageError, ModelError
+from lesiontriage.imaging import LoadedImage, assess_quality, crop_with_margin, load_image
+from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier, MalignantLogitOnly
+from lesiontriage.networks.detector import DetectorConfig, build_detector
+from lesiontriage.paths import MODELS_DIR
+from lesiontriage.results import Lesion, Tier, TriageResult
+from lesiontriage.weights import load_weights, read_metadata
+
+log = logging.getLogger(__name__)
+
+TIER_NAMES = ("routine", "refer", "urgent")
+# Used only when metadata.json has no validation-derived thresholds (never the case for shipped models).
+FALLBACK_THRESHOLDS = {"refer": 0.3, "urgent": 0.7}
+
+
+@dataclass
+class PipelineSettings:
+    """Inference knobs, read from metadata.json (``pipeline`` section) with these defaults."""
+
+    decode_max_side: int = 2048  # crops come from this decode; the detector resizes further
+    detector_score_threshold: float = 0.5
+    max_lesions: int = 30
+    default_aggregate: str = "mean"
+    torch_threads: int = 2
+
+
+def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+
+
+class TriagePipeline:
+    """Load once (``from_dir``), then ``predict`` many photos; safe to share between threads."""
+
+    def __init__(self, detector: torch.nn.Module | None, det_cfg: DetectorConfig | None, classifier: LesionClassifier,
+                 clf_meta: dict[str, Any], metadata: dict[str, Any], image_classifier: LesionClassifier | None = None,
+                 image_clf_meta: dict[str, Any] | None = None, settings: PipelineSettings | None = None,
+                 models_dir: Path | None = None) -> None:
+        self.detector = detector
+        self.det_cfg = det_cfg
+        self.classifier = classifier
+        self.clf_meta = clf_meta
+        self.image_classifier = image_classifier
+        self.image_clf_meta = image_clf_meta or {}
+        self.metadata = metadata
+        self.settings = settings or PipelineSettings()
+        self.models_dir = models_dir
+        self._gradcam_lock = threading.Lock()
+
+    # ---- loading ----------------------------------------------------------------------------------
+    @classmethod
+    def from_dir(cls, path: str | Path | None = None, *, load_image_classifier: bool = True) -> "TriagePipeline":
+        """Load the shipped models (default ``models/``), verifying every file's sha256."""
+        models_dir = Path(path) if path else MODELS_DIR
+        meta = read_metadata(models_dir)
+        models = meta.get("models", {})
+        if "classifier" not in models:
+            raise ModelError(f"no model installed yet: {models_dir / 'metadata.json'} lists no classifier")
+        settings = PipelineSettings(**{k: v for k, v in meta.get("pipeline", {}).items()
+                                       if k in PipelineSettings.__dataclass_fields__})
+        torch.set_num_threads(settings.torch_threads)
+        classifier = cls._load_classifier(models_dir, models["classifier"])
+        detector, det_cfg = None, None
+        if "detector" in models:
+            det_meta = models["detector"]
+            det_cfg = DetectorConfig.from_dict(det_meta["config"])
+            detector = build_detector(det_cfg, pretrained=False)
+            detector.load_state_dict(load_weights(models_dir / det_meta["file"], det_meta["sha256"]))
+            detector.eval()
+        image_classifier = None
+        if load_image_classifier and "image_classifier" in models:
+            image_classifier = cls._load_classifier(models_dir, models["image_classifier"])
+        return cls(detector, det_cfg, classifier, models["classifier"], meta, image_classifier,
+                   models.get("image_classifier"), settings, models_dir)
+
+    @staticmethod
+    def _load_classifier(models_dir: Path, entry: dict[str, Any]) -> LesionClassifier:
+        cfg = ClassifierConfig.from_dict(entry["config"])
+        model = LesionClassifier(cfg, pretrained=False)
+        model.load_state_dict(load_weights(models_dir / entry["file"], entry["sha256"]))
+        return model.eval().to(memory_format=torch.channels_last)
+
+    # ---- stages -------------------------------------------------------------------------------------
+    def detect(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes [K, 4] (xyxy, pixels of ``rgb``) and scores [K], score >= threshold, best first."""
+        if self.detector is None:
+            h, w = rgb.shape[:2]
+            return np.array([[0, 0, w, h]], dtype=np.float32), np.ones(1, dtype=np.float32)
+        with torch.inference_mode():
+            out = self.detector([_to_tensor(rgb)])[0]
+        keep = out["scores"] >= self.settings.detector_score_threshold
+        boxes = out["boxes"][keep][: self.settings.max_lesions].numpy()
+        scores = out["scores"][keep][: self.settings.max_lesions].numpy()
+        return boxes.astype(np.float32), scores.astype(np.float32)
+
+    def _crop_batch(self, rgb: np.ndarray, boxes: np.ndarray, cfg: ClassifierConfig) -> torch.Tensor:
+        crops = [crop_with_margin(rgb, b.tolist(), margin=cfg.crop_margin, square=True) for b in boxes]
+        return self._normalise([_to_tensor(c) for c in crops], cfg)
+
+    @staticmethod
+    def _normalise(tensors: Sequence[torch.Tensor], cfg: ClassifierConfig) -> torch.Tensor:
+        size = cfg.input_size
+        batch = torch.stack([F.interpolate(t[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+                             for t in tensors])
+        mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+        std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+        return ((batch - mean) / std).contiguous(memory_format=torch.channels_last)
+
+    def classify(self, batch: torch.Tensor, model: LesionClassifier | None = None,
+                 meta: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Temperature-scaled p_malignant [N] and sub-type probabilities [N, 8]."""
+        model = model or self.classifier
+        meta = meta or self.clf_meta
+        if len(batch) == 0:
+            return np.zeros(0, dtype=np.float32), np.zeros((0, len(model.config.subtypes)), dtype=np.float32)
+        with torch.inference_mode():
+            logit, sub = model(batch)
+        t = float(meta.get("temperature", 1.0))
+        p = torch.sigmoid(logit.float() / t).numpy()
+        q = torch.softmax(sub.float(), dim=-1).numpy()
+        return p, q
+
+    # ---- triage -------------------------------------------------------------------------------------
+    def thresholds(self, mode: str, aggregate: str) -> tuple[dict[str, float], str]:
+        """Tier thresholds chosen on validation (metadata ``triage``), and where they came from."""
+        triage = self.metadata.get("triage", {}).get(mode, {})
+        if aggregate in triage.get("thresholds", {}):
+            return triage["thresholds"][aggregate], triage.get("chosen_on", "validation")
+        return FALLBACK_THRESHOLDS, "fallback defaults (no validation thresholds in metadata.json)"
+
+    def make_tier(self, lesions: list[Lesion], score: float, mode: str, aggregate: str) -> Tier:
+        thr, _ = self.thresholds(mode, aggregate)
+        if mode == "two_stage" and not lesions:
+            return Tier("routine", "No lesion found. If you can see a lesion, retake the photo closer, in focus and "
+                        "well lit, or try the whole-image mode.", None)
+        driver = max(range(len(lesions)), key=lambda i: lesions[i].p_malignant) if lesions else None
+        name = "urgent" if score >= thr["urgent"] else "refer" if score >= thr["refer"] else "routine"
+        what = (f"lesion #{driver + 1} (p_malignant {lesions[driver].p_malignant:.2f}, most like "
+                f"{lesions[driver].top_subtype})" if driver is not None else "the whole image")
+        agg = {"mean": "mean", "max": "maximum", "noisy_or": "noisy-OR"}.get(aggregate, aggregate)
+        if name == "urgent":
+            reason = f"Urgent: {agg} score {score:.2f} >= {thr['urgent']:.2f} (high-PPV point); driven by {what}."
+        elif name == "refer":
+            reason = f"Refer: {agg} score {score:.2f} >= {thr['refer']:.2f} (95%-sensitivity point); driven by {what}."
+        else:
+            reason = f"Routine: {agg} score {score:.2f} < {thr['refer']:.2f} (95%-sensitivity point); highest: {what}."
+        return Tier(name, reason, driver)
+
+    def reaggregate(self, result: TriageResult, aggregate: str) -> TriageResult:
+        """Same lesions, another aggregation: no network runs (used by the app's selector)."""
+        if result.mode == "whole_image":
+            return replace(result, aggregate=aggregate)
+        score = float(aggregate_probs([l.p_malignant for l in result.lesions], aggregate))
+        return replace(result, aggregate=aggregate, image_score=score,
+                       tier=self.make_tier(result.lesions, score, result.mode, aggregate))
+
+    # ---- public prediction --------------------------------------------------------------------------
+    def load(self, image: Any, name: str | None = None) -> LoadedImage:
+        return load_image(image, name=name, max_side=self.settings.decode_max_side)
+
+    def predict(self, image: Any, aggregate: str | None = None, *, whole_image: bool = False,
+                name: str | None = None) -> TriageResult:
+        """Triage one photo (path, bytes or PIL image). Raises :class:`ImageError` for bad input."""
+        aggregate = aggregate or self.settings.default_aggregate
+        aggregate_probs([], aggregate)  # validates the name before any work
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        img = self.load(image, name=name)
+        timings["decode"] = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        quality = assess_quality(img.rgb, orig_size=(img.orig_width, img.orig_height))
+        timings["quality"] = (time.perf_counter() - t) * 1000
+        version = self.metadata.get("package_version", "")
+        if whole_image:
+            if self.image_classifier is None:
+                raise ModelError("whole-image mode needs models/image_classifier.safetensors, which is not installed")
+            t = time.perf_counter()
+            batch = self._normalise([_to_tensor(img.rgb)], self.image_classifier.config)
+            p, _ = self.classify(batch, self.image_classifier, self.image_clf_meta)
+            timings["classify"] = (time.perf_counter() - t) * 1000
+            score = float(p[0])
+            return TriageResult(img.name, img.orig_width, img.orig_height, [], aggregate, score,
+                                self.make_tier([], score, "whole_image", "whole"), quality, timings, "whole_image", version)
+        t = time.perf_counter()
+        boxes, det_scores = self.detect(img.rgb)
+        timings["detect"] = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        probs, subs = self.classify(self._crop_batch(img.rgb, boxes, self.classifier.config)) if len(boxes) else \
+            self.classify(torch.zeros(0))
+        timings["classify"] = (time.perf_counter() - t) * 1000
+        names = self.classifier.config.subtypes
+        lesions = [
+            Lesion(index=i, box=[round(float(v) / img.scale, 1) for v in b], detector_score=float(s), p_malignant=float(p),
+                   subtypes={n: float(q) for n, q in zip(names, qs)})
+            for i, (b, s, p, qs) in enumerate(zip(boxes, det_scores, probs, subs))
+        ]
+        score = float(aggregate_probs([l.p_malignant for l in lesions], aggregate))
+        tier = self.make_tier(lesions, score, "two_stage", aggregate)
+        timings["total"] = sum(timings.values())
+        return TriageResult(img.name, img.orig_width, img.orig_height, lesions, aggregate, score, tier, quality, timings,
+                            "two_stage", version)
+
+    def predict_batch(self, images: Iterable[Any], aggregate: str | None = None, *, whole_image: bool = False,
+                      ) -> list[TriageResult | ImageError]:
+        """Predict many; a bad image yields its ImageError in place and the rest still run."""
+        out: list[TriageResult | ImageError] = []
+        for im in images:
+            try:
+                out.append(self.predict(im, aggregate, whole_image=whole_image))
+            except ImageError as exc:
+                out.append(exc)
+        return out
+
+    # ---- explanation --------------------------------------------------------------------------------
+    def crop(self, image: Any, lesion: Lesion, name: str | None = None) -> np.ndarray:
+        """The lesion's crop (box + context margin) as the classifier saw it, RGB uint8."""
+        img = image if isinstance(image, LoadedImage) else self.load(image, name=name)
+        box = [v * img.scale for v in lesion.box]
+        return crop_with_margin(img.rgb, box, margin=self.classifier.config.crop_margin, square=True)
+
+    def gradcam(self, image: Any, lesion_index: int, result: TriageResult | None = None, name: str | None = None) -> np.ndarray:
+        """Grad-CAM overlay (RGB uint8, classifier input size) of one lesion's malignant logit."""
+        from lesiontriage.explain import gradcam_overlay
+
+        img = image if isinstance(image, LoadedImage) else self.load(image, name=name)
+        result = result or self.predict(img.rgb, name=name)
+        crop = self.crop(img, result.lesions[lesion_index])
+        with self._gradcam_lock:
+            return gradcam_overlay(self.classifier, crop)

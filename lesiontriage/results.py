@@ -1,0 +1,87 @@
+"""Result dataclasses returned by :class:`lesiontriage.TriagePipeline`.
+
+They hold raw per-lesion probabilities so the image score can be re-aggregated (mean / max /
+noisy-OR) without re-running any network: the app's aggregation selector relies on that.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+INTENDED_USE = (
+    "Research and education software. Not a medical device and not a diagnosis: "
+    "any concerning skin lesion must be examined by a clinician."
+)
+
+SUBTYPES: tuple[str, ...] = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC", "OB")
+
+
+@dataclass
+class Lesion:
+    """One detected lesion. ``box`` is [x1, y1, x2, y2] in original-image pixels."""
+
+    index: int
+    box: list[float]
+    detector_score: float
+    p_malignant: float
+    subtypes: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def top_subtype(self) -> str:
+        return max(self.subtypes, key=self.subtypes.get) if self.subtypes else ""
+
+
+@dataclass
+class QualityReport:
+    """Image-quality gate outcome: measured values plus human-readable warnings."""
+
+    blur_laplacian_var: float
+    mean_brightness: float
+    dark_fraction: float
+    bright_fraction: float
+    min_side: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.warnings
+
+
+@dataclass
+class Tier:
+    """Triage tier with the reason shown to the user."""
+
+    name: str  # "routine" | "refer" | "urgent"
+    reason: str
+    driving_lesion: int | None  # index into TriageResult.lesions, None when no lesion
+
+
+@dataclass
+class TriageResult:
+    """Everything one prediction produced."""
+
+    source: str
+    width: int
+    height: int
+    lesions: list[Lesion]
+    aggregate: str
+    image_score: float
+    tier: Tier
+    quality: QualityReport | None
+    timings_ms: dict[str, float]
+    mode: str = "two_stage"  # or "whole_image"
+    model_version: str = ""
+    intended_use: str = INTENDED_USE
+
+    @property
+    def n_lesions(self) -> int:
+        return len(self.lesions)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["n_lesions"] = self.n_lesions
+        return d
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)

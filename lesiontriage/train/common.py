@@ -1,0 +1,95 @@
+"""Pieces every training loop shares: config files, seeding, checkpoints, CPU speed settings.
+
+Runs are designed for a 2-core CPU: bf16 autocast + channels_last (measured ~1.5x faster than
+fp32 here), checkpoints every few minutes so a killed run resumes with ``--resume``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import shlex
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config; a bare name is looked up in the packaged configs folder."""
+    p = Path(path)
+    if not p.exists():
+        packaged = Path(__file__).parent / "configs" / p.name
+        if not packaged.suffix:
+            packaged = packaged.with_suffix(".toml")
+        if packaged.exists():
+            p = packaged
+        else:
+            raise FileNotFoundError(f"{path}: config file not found")
+    with open(p, "rb") as fh:
+        return tomllib.load(fh)
+
+
+def dataclass_from_dict(cls: type, d: dict[str, Any]):
+    """Build a config dataclass from a dict, refusing unknown keys (typos must not pass silently)."""
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown keys for {cls.__name__}: {sorted(unknown)}")
+    return cls(**d)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def command_line() -> str:
+    """The command that started this process, for provenance in metadata and reports."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("lesiontriage", "cli.py")):
+        argv[0] = "lesiontriage"
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+@contextlib.contextmanager
+def autocast(enabled: bool) -> Iterator[None]:
+    """bf16 autocast on CPU (AVX512-BF16 here); a no-op when disabled."""
+    if enabled:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def save_checkpoint(path: Path, **state: Any) -> None:
+    """Atomic write so a kill mid-save never leaves a corrupt checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@dataclass
+class Timer:
+    """Seconds since construction; used to checkpoint every few minutes and to cap run length."""
+
+    start: float = field(default_factory=time.monotonic)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
