@@ -111,22 +111,38 @@ _TRAIN_DEFAULTS = {"detector": "detector", "classifier": "classifier", "image-cl
 
 @app.command("train")
 def train(
-    model: str = typer.Argument(..., help="detector | classifier | image-classifier"),
+    model: str = typer.Argument(..., help="detector | classifier | image-classifier | tiers (thresholds on validation)"),
     config: Optional[str] = typer.Option(None, "--config", help="TOML config (default: the packaged one for MODEL)"),
     resume: bool = typer.Option(False, "--resume", help="Continue from runs/<name>/checkpoint.pt"),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest parquet (default runs/data/manifest.parquet)"),
     data_root: Optional[Path] = typer.Option(None, "--data-root"),
     export: bool = typer.Option(True, "--export/--no-export", help="Write the best weights + metadata to models/"),
+    export_only: bool = typer.Option(False, "--export-only", help="Skip training; export the finished run in runs/<name>/"),
 ) -> None:
     """Train one model; checkpoints go to runs/<name>/, the best epoch is exported to models/."""
+    if model == "tiers":
+        from lesiontriage.train.common import command_line
+        from lesiontriage.train.tiers import calibrate_tiers
+
+        chosen = calibrate_tiers(manifest_path=manifest, data_root=data_root, command=command_line())
+        for mode, entry in chosen.items():
+            for agg, thr in entry["thresholds"].items():
+                console.print(f"{mode:12s} {agg:9s} refer >= {thr['refer']:.3f}  urgent >= {thr['urgent']:.3f}")
+        return
     if model not in _TRAIN_DEFAULTS:
-        _fail(f"unknown model {model!r}; choose one of {', '.join(_TRAIN_DEFAULTS)}")
+        _fail(f"unknown model {model!r}; choose one of {', '.join(_TRAIN_DEFAULTS)}, tiers")
     cfg = config or _TRAIN_DEFAULTS[model]
     if model == "detector":
         from lesiontriage.train.detector import run_training
     else:
         from lesiontriage.train.classifier import run_training
-    out = run_training(cfg, resume=resume, manifest=manifest, data_root=data_root)
+    if export_only:
+        from lesiontriage.paths import RUNS_DIR
+        from lesiontriage.train.common import load_result, load_toml
+
+        out = load_result(RUNS_DIR / load_toml(cfg).get("name", _TRAIN_DEFAULTS[model]))
+    else:
+        out = run_training(cfg, resume=resume, manifest=manifest, data_root=data_root)
     console.print(f"best: {out['best']}")
     if export:
         from lesiontriage.train.export import export_run

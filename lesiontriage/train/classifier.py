@@ -28,7 +28,7 @@ from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier
 from lesiontriage.paths import RUNS_DIR
 from lesiontriage.results import SUBTYPES
 from lesiontriage.train.common import (Timer, autocast, command_line, dataclass_from_dict, load_checkpoint,
-                                       save_checkpoint, seed_everything)
+                                       save_checkpoint, save_result, seed_everything)
 
 log = logging.getLogger(__name__)
 
@@ -254,4 +254,5 @@ def run_training(config_path: str, resume: bool = False, manifest: Path | None =
     out["config"] = asdict(cfg)
     out["command"] = command_line()
     out["manifest_hash"] = trainer.manifest_hash
+    save_result(trainer.run_dir, out)
     return out

@@ -93,3 +93,20 @@ class Timer:
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.start
+
+
+def save_result(run_dir: Path, out: dict[str, Any]) -> None:
+    """The run's summary (config, history, best epoch, command) so export can be redone later."""
+    import json
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "result.json").write_text(json.dumps(out, indent=2, default=str))
+
+
+def load_result(run_dir: Path) -> dict[str, Any]:
+    import json
+
+    path = run_dir / "result.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no finished run to export (train first)")
+    return json.loads(path.read_text())

@@ -1,0 +1,231 @@
+"""Triage page: upload or pick a photo -> boxed lesions, triage score and tier, lesion table,
+Grad-CAM on request, downloads. Layout only; the pipeline does the work (cached in ui_common)."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+import streamlit as st
+
+from lesiontriage import app_support as sup
+from lesiontriage.errors import ImageError, ModelError
+from pages import ui_common as ui
+
+log = logging.getLogger("lesiontriage.app")
+
+ui.intended_use_banner()
+st.title("Skin-lesion triage")
+
+pipe, failure = ui.pipeline_or_failure()
+if pipe is None:
+    ui.show_load_failure(failure)
+    st.stop()
+
+# ---- input -----------------------------------------------------------------------------------------
+examples = ui.examples()
+by_key = {e.key: e for e in examples}
+col_upload, col_example = st.columns([3, 2])
+with col_upload:
+    uploaded = st.file_uploader(
+        "Upload a skin photo", type=list(sup.UPLOAD_TYPES), key="upload",
+        help="JPEG, PNG, WebP, HEIC/HEIF (iPhone) or TIFF. Processed in memory, never stored; "
+             "exports carry no EXIF (no GPS, no device).")
+with col_example:
+    example_key = st.selectbox(
+        "... or pick an example", options=list(by_key), index=None, key="example",
+        format_func=lambda k: by_key[k].label, placeholder="Choose an example photo",
+        help="Synthetic scenes are generated here and are not real patients. Real examples come from the "
+             "shared data sets when they are present (see the model card for their licences).")
+
+data: bytes | None = None
+name = ""
+if uploaded is not None:
+    data, name = uploaded.getvalue(), uploaded.name
+    if example_key:
+        st.caption("Using the uploaded file; remove it to analyse the chosen example.")
+elif example_key:
+    example = by_key[example_key]
+    try:
+        data, name = ui.example_bytes(example_key)
+    except Exception as exc:
+        st.error(f"{example.label}: the example could not be loaded ({exc}).")
+        st.stop()
+    if example.synthetic:
+        st.info(f"**SYNTHETIC image.** {example.note}", icon=":material/science:")
+    else:
+        st.caption(example.note)
+
+if data is None:
+    st.info("Upload a photo or choose an example to start. A photo of one lesion or of a whole skin area "
+            "both work: every lesion found is boxed and scored.", icon=":material/upload:")
+    st.stop()
+
+meta_models = (pipe.metadata or {}).get("models", {})
+with st.expander("Advanced options"):
+    whole_image = st.toggle(
+        "Whole-image mode (baseline: one score for the whole photo, no lesion boxes)", value=False,
+        disabled="image_classifier" not in meta_models, key="whole_image",
+        help="The direct whole-image classifier of the seed paper. Needs models/image_classifier.safetensors.")
+
+image_hash = hashlib.sha256(data).hexdigest()[:16]
+key_model = sup.model_key(pipe)
+
+# ---- run (cached on bytes + settings + model) -----------------------------------------------------
+t0 = time.perf_counter()
+with st.status("Analysing the photo: decoding, checking quality, detecting lesions, classifying each lesion...",
+               expanded=False) as status:
+    try:
+        base = ui.predict_cached(data, name, whole_image, key_model)
+    except ImageError as exc:
+        status.update(label="This file could not be analysed", state="error")
+        st.error(str(exc), icon=":material/broken_image:")
+        st.stop()
+    except ModelError as exc:
+        status.update(label="The model could not run", state="error")
+        st.error(str(exc))
+        st.stop()
+    except Exception as exc:  # the app keeps working; the reason is shown in one line
+        log.exception("prediction failed for %s", name)
+        status.update(label="Unexpected error", state="error")
+        st.error(f"{name}: could not be analysed ({type(exc).__name__}: {exc}).")
+        st.stop()
+    elapsed = time.perf_counter() - t0
+    stages = " · ".join(f"{k} {v:.0f} ms" for k, v in base.timings_ms.items() if k != "total")
+    st.write(f"Model stages: {stages}")
+    status.update(label=f"Analysed in {elapsed:.2f} s" + (" (cached result)" if elapsed < 0.05 else "")
+                  + f" - {stages}", state="complete")
+
+# ---- aggregation (no model re-run) ----------------------------------------------------------------
+two_stage = base.mode == "two_stage"
+default_agg = getattr(getattr(pipe, "settings", None), "default_aggregate", "mean")
+agg = st.session_state.get("aggregation") or default_agg
+result = pipe.reaggregate(base, agg) if two_stage and agg != base.aggregate else base
+n = result.n_lesions
+
+# ---- headline ---------------------------------------------------------------------------------------
+col_image, col_side = st.columns([3, 2], gap="medium")
+with col_side:
+    m1, m2 = st.columns(2)
+    m1.metric("Triage score", f"{result.image_score:.2f}",
+              help="Image-level malignancy score in [0, 1] from the chosen aggregation of lesion probabilities.")
+    m2.metric("Lesions found", n if two_stage else "-")
+    colour = sup.TIER_COLOURS.get(result.tier.name, "gray")
+    st.markdown(f"#### Tier: :{colour}-background[{result.tier.name.upper()}]")
+    st.markdown(result.tier.reason)
+    if two_stage:
+        st.segmented_control(
+            "Aggregation", options=list(sup.AGGREGATIONS), format_func=sup.AGGREGATIONS.get,
+            default=default_agg, key="aggregation", required=True, help=sup.AGGREGATION_HELP)
+    else:
+        st.caption("Whole-image mode: one score for the whole photo; aggregation does not apply.")
+    if result.quality and result.quality.warnings:
+        for w in result.quality.warnings:
+            st.warning(f"Image quality: {w}", icon=":material/warning:")
+    elif result.quality:
+        st.caption("Image quality checks passed (sharpness, exposure, resolution).")
+
+if two_stage and n == 0:
+    with col_side:
+        st.warning(
+            "**No lesion found.** " + result.tier.reason + "\n\n"
+            "- If you can see a lesion, take the photo closer (the lesion filling at least a tenth of the frame), "
+            "in focus and in even light.\n- Or try *Whole-image mode* under Advanced options.\n"
+            "- A clinician should still examine any lesion that worries you.", icon=":material/search_off:")
+
+# ---- lesion selection -------------------------------------------------------------------------------
+order = sup.lesions_by_probability(result)
+pick_key = f"pick_{image_hash}_{int(whole_image)}"
+if n and pick_key not in st.session_state:
+    st.session_state[pick_key] = result.tier.driving_lesion if result.tier.driving_lesion is not None else order[0]
+selected = st.session_state.get(pick_key) if n else None
+
+with col_image:
+    shown = sup.annotate(ui.display_image(data), result, highlight=selected)
+    cap = f"{name} ({result.width} x {result.height} px)"
+    if n:
+        cap += f". {n} lesion{'s' if n != 1 else ''} found, box colour = p(malignant); lesion #{selected + 1} highlighted."
+    st.image(shown, caption=cap, width="stretch", output_format="JPEG")
+
+# ---- lesion table -------------------------------------------------------------------------------------
+if n:
+    st.subheader(f"{n} lesion{'s' if n != 1 else ''} found")
+    st.caption("Sorted by probability of malignancy. Click a row to highlight that lesion and show its details.")
+    thumbs = ui.thumbnails(data, name, whole_image, key_model, base)
+    table = sup.lesion_table(result, thumbs)
+
+    table_key = f"lesion_table_{image_hash}_{int(whole_image)}"
+
+    def _on_table_select() -> None:
+        rows = st.session_state.get(table_key, {}).get("selection", {}).get("rows", [])
+        if rows:
+            st.session_state[pick_key] = order[rows[0]]
+
+    st.dataframe(
+        table, hide_index=True, width="stretch", row_height=64, key=table_key,
+        on_select=_on_table_select, selection_mode="single-row",
+        column_config={
+            "lesion": st.column_config.TextColumn("Lesion", width="small"),
+            "crop": st.column_config.ImageColumn("Crop", width="small"),
+            "p_malignant": st.column_config.ProgressColumn("p(malignant)", min_value=0.0, max_value=1.0, format="%.2f"),
+            "most_like": st.column_config.TextColumn("Most like"),
+            "subtypes": st.column_config.TextColumn("Sub-type probabilities (top 3)"),
+            "detector_confidence": st.column_config.NumberColumn("Detector confidence", format="%.2f"),
+            "size_px": st.column_config.TextColumn("Box (px)", width="small"),
+        })
+
+    st.selectbox("Lesion details", options=order, key=pick_key,
+                 format_func=lambda i: f"#{i + 1}: p(malignant) {result.lesions[i].p_malignant:.2f}, "
+                                       f"most like {result.lesions[i].top_subtype}")
+    lesion = result.lesions[selected]
+    crops = ui.lesion_crops(data, name, whole_image, key_model, base)
+    c_crop, c_cam, c_sub = st.columns([1, 1, 2])
+    with c_crop:
+        if selected < len(crops):
+            st.image(crops[selected], caption=f"Lesion #{selected + 1} with context", width="stretch")
+        st.caption(f"Detector confidence {lesion.detector_score:.2f} · box "
+                   + ", ".join(f"{v:.0f}" for v in lesion.box))
+    with c_cam:
+        cam_flag = f"cam_{image_hash}_{selected}"
+        if st.session_state.get(cam_flag):
+            with st.spinner("Computing Grad-CAM..."):
+                try:
+                    heat = ui.gradcam_cached(data, name, selected, key_model, base)
+                    st.image(heat, caption=f"Grad-CAM, lesion #{selected + 1}: where the malignancy score looks",
+                             width="stretch")
+                except Exception as exc:
+                    st.error(f"Grad-CAM failed for lesion #{selected + 1}: {type(exc).__name__}: {exc}")
+        elif st.button("Show Grad-CAM", key=f"btn_{cam_flag}", icon=":material/visibility:",
+                       help="Highlights the pixels that raised this lesion's malignancy score."):
+            st.session_state[cam_flag] = True
+            st.rerun()
+    with c_sub:
+        if lesion.subtypes:
+            st.plotly_chart(sup.subtype_figure(lesion.subtypes), width="stretch", key=f"sub_{image_hash}_{selected}")
+
+# ---- downloads and timings --------------------------------------------------------------------------
+stem = sup.export_stem(name)
+d1, d2, d3 = st.columns(3)
+d1.download_button("Download result (JSON)", sup.result_json(result), file_name=f"{stem}_triage.json",
+                   mime="application/json", icon=":material/download:", on_click="ignore")
+d2.download_button("Download table (CSV)", sup.result_csv(result), file_name=f"{stem}_triage.csv",
+                   mime="text/csv", icon=":material/download:", on_click="ignore")
+display = ui.display_image(data)
+d3.download_button("Download annotated image (PNG, no EXIF)",
+                   lambda: sup.png_bytes(sup.annotate(display, result, highlight=None)),
+                   file_name=f"{stem}_annotated.png", mime="image/png", icon=":material/download:", on_click="ignore")
+
+with st.expander("Per-stage timings and model"):
+    st.dataframe(
+        [{"stage": k, "ms": round(v, 1)} for k, v in base.timings_ms.items()]
+        + [{"stage": "app total (this run, incl. cache lookup)", "ms": round(elapsed * 1000, 1)}],
+        hide_index=True)
+    thr_src = ""
+    if hasattr(pipe, "thresholds"):
+        try:
+            thr, thr_src = pipe.thresholds(result.mode, result.aggregate if two_stage else "whole")
+            thr_src = f"Tier thresholds refer {thr['refer']:.2f} / urgent {thr['urgent']:.2f}, chosen on {thr_src}."
+        except Exception:
+            thr_src = ""
+    st.caption(f"Model version {result.model_version or 'unknown'} · mode {result.mode} · aggregation "
+               f"{result.aggregate}. {thr_src}")

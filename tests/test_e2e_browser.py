@@ -1,0 +1,284 @@
+"""Real-browser end-to-end test: `streamlit run app.py` on a loopback port, driven by Playwright for
+Python with Debian's chromium (headless).
+
+Two variants:
+- ``stand-in``: the app with the contract-honouring stand-in pipeline of tests/test_app.py (served by
+  a small wrapper script in a temporary folder), so the browser path is tested before and
+  independently of trained weights;
+- ``shipped``: the real app on the shipped models (skipped until models/ holds them); it logs the
+  timings the app issue asks for: first result after a cold start, a cached re-run, an aggregation
+  switch (written to test-artifacts/e2e_timings.json, not asserted as timings).
+
+Each variant uploads a generated demo scene (synthetic), waits for "Triage score" and "lesions
+found", switches the aggregation, downloads the CSV, uploads a broken file (error shown, app keeps
+working) and saves screenshots under test-artifacts/ (git-ignored).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lesiontriage import app_support as sup
+from lesiontriage.paths import MODELS_DIR, REPO_ROOT
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--disable-quic", "--no-first-run"]
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+VIEWPORT = {"width": 1440, "height": 900}
+
+pytestmark = pytest.mark.e2e
+
+
+def _skip_reason() -> str | None:
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        return f"{CHROMIUM} not installed (run .ci/install_browser.sh, or apt-get install chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright for Python not installed (pip install -e '.[test]')"
+    return None
+
+
+if (_reason := _skip_reason()) is not None:
+    pytest.skip(_reason, allow_module_level=True)
+
+from playwright.sync_api import expect, sync_playwright  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+WRAPPER = """
+# Serves app.py with the stand-in pipeline of tests/test_app.py (end-to-end test only).
+import runpy, sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+from lesiontriage import app_support as sup
+from test_app import FakePipeline
+_pipe = FakePipeline()
+sup.model_installed = lambda models=None: True
+sup.load_pipeline = lambda models=None: _pipe
+runpy.run_path({app!r}, run_name="__main__")
+"""
+
+
+class Server:
+    """`streamlit run` as a subprocess on 127.0.0.1; stopped (by its own pid) on exit."""
+
+    def __init__(self, script: Path, cwd: Path, env: dict[str, str]):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = ARTIFACTS / f"streamlit_{script.parent.name}_{self.port}.log"
+        cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(self.port),
+               "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+        self._log_fh = open(self.log, "w")
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self._log_fh, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 90.0) -> float:
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"streamlit exited early ({self.proc.returncode}); see {self.log}")
+            try:
+                with urllib.request.urlopen(self.url + "/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        return time.perf_counter() - self.started
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError(f"streamlit not healthy after {timeout:.0f} s; see {self.log}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log_fh.close()
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_")}
+    env.update(extra)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture(scope="module")
+def browser():
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def scene_file(tmp_path) -> Path:
+    ex = sup.synthetic_examples()[0]
+    data, name = sup.load_example(ex)
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def wait_idle(page, timeout: float = 60_000) -> None:
+    """Wait until the script run has finished: no 'Running...' widget and no stale element left."""
+    page.wait_for_timeout(100)
+    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=timeout)
+    page.wait_for_function("() => document.querySelectorAll('[data-stale=\"true\"]').length === 0", timeout=timeout)
+
+
+def score_text(page) -> str:
+    metric = page.locator('[data-testid="stMetric"]', has_text="Triage score")
+    return metric.locator('[data-testid="stMetricValue"]').inner_text().strip()
+
+
+def run_flow(browser, server: Server, scene: Path, tmp_path: Path, variant: str, first_timeout_s: float) -> dict:
+    timings: dict[str, float] = {"server_start_s": round(server.wait_ready(), 2)}
+    ctx = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
+    page = ctx.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        t0 = time.perf_counter()
+        page.goto(server.url, wait_until="domcontentloaded")
+        expect(page.get_by_text("Skin-lesion triage", exact=True)).to_be_visible(timeout=first_timeout_s * 1000)
+        banner = page.get_by_text("Intended use:")
+        expect(banner).to_be_visible()
+        box = banner.bounding_box()
+        assert box is not None and box["y"] + box["height"] <= VIEWPORT["height"], "intended use must be above the fold"
+
+        # 1. first result (cold: the pipeline loads on the first page visit)
+        page.locator('input[type="file"]').set_input_files(str(scene))
+        expect(page.get_by_text("Triage score")).to_be_visible(timeout=first_timeout_s * 1000)
+        expect(page.get_by_text(re.compile(r"lesions found", re.I)).first).to_be_visible()
+        wait_idle(page)
+        timings["first_result_s"] = round(time.perf_counter() - t0, 2)
+        page.screenshot(path=str(ARTIFACTS / f"e2e_{variant}_result.png"), full_page=False)
+        page.screenshot(path=str(ARTIFACTS / f"e2e_{variant}_result_full.png"), full_page=True)
+        first_score = score_text(page)
+        assert re.fullmatch(r"\d\.\d\d", first_score), first_score
+
+        # 2. aggregation switch: no model re-run
+        target = "Max"
+        t1 = time.perf_counter()
+        option = page.locator(".st-key-aggregation").get_by_role("radio", name=target, exact=True)
+        option.click()
+        expect(option).to_have_attribute("aria-checked", "true")
+        wait_idle(page)
+        timings["aggregation_switch_s"] = round(time.perf_counter() - t1, 3)
+
+        # 3. CSV download reflects the chosen aggregation
+        with page.expect_download() as dl_info:
+            page.get_by_role("button", name=re.compile("Download table")).click()
+        dl = dl_info.value
+        csv_path = ARTIFACTS / f"e2e_{variant}_{dl.suggested_filename}"
+        dl.save_as(str(csv_path))
+        rows = list(csv.DictReader(io.StringIO(csv_path.read_text())))
+        assert rows and rows[0]["aggregate"] == "max" and rows[0]["image"] == scene.name
+        assert {"image_score", "tier", "p_malignant", "detector_score"} <= set(rows[0])
+        assert float(rows[0]["image_score"]) == pytest.approx(float(score_text(page)), abs=0.006)
+
+        # 4. a broken upload: an error with the reason, and the app keeps working
+        bad = tmp_path / "broken.jpg"
+        bad.write_bytes(b"not an image at all")
+        page.locator('input[type="file"]').set_input_files(str(bad))
+        expect(page.locator('[data-testid="stAlert"]', has_text="broken.jpg")).to_be_visible(timeout=30_000)
+        expect(page.get_by_text("Triage score")).to_have_count(0)
+        page.screenshot(path=str(ARTIFACTS / f"e2e_{variant}_bad_upload.png"))
+
+        # 5. cached re-run: the same image again in a fresh session (the result cache is per process)
+        page.reload(wait_until="domcontentloaded")
+        expect(page.get_by_text("Skin-lesion triage", exact=True)).to_be_visible(timeout=30_000)
+        wait_idle(page)
+        t2 = time.perf_counter()
+        page.locator('input[type="file"]').set_input_files(str(scene))
+        expect(page.get_by_text("Triage score")).to_be_visible(timeout=30_000)
+        wait_idle(page)
+        timings["cached_rerun_s"] = round(time.perf_counter() - t2, 3)
+        assert score_text(page) == first_score  # default aggregation again, same cached result
+
+        # 6. the other pages render without an exception block
+        for name in ("Evaluation", "Clinical & management", "Speed & reliability", "Model card"):
+            page.get_by_role("link", name=name).click()
+            expect(page.get_by_role("heading", name=name.split(" &")[0], exact=False).first).to_be_visible(timeout=30_000)
+            wait_idle(page)
+            assert page.locator('[data-testid="stException"]').count() == 0, name
+        page.screenshot(path=str(ARTIFACTS / f"e2e_{variant}_model_card.png"), full_page=False)
+        assert not errors, errors
+    finally:
+        ctx.close()
+    return timings
+
+
+def _log_timings(variant: str, timings: dict) -> None:
+    path = ARTIFACTS / "e2e_timings.json"
+    allt = json.loads(path.read_text()) if path.is_file() else {}
+    allt[variant] = {**timings, "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    path.write_text(json.dumps(allt, indent=2))
+    print(f"\n[e2e timings] {variant}: {json.dumps(timings)}")
+
+
+def test_browser_flow_with_stand_in_pipeline(browser, scene_file, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "pages").symlink_to(REPO_ROOT / "pages", target_is_directory=True)
+    shutil.copytree(REPO_ROOT / ".streamlit", site / ".streamlit")
+    script = site / "app.py"
+    script.write_text(textwrap.dedent(WRAPPER.format(repo=str(REPO_ROOT), tests=str(REPO_ROOT / "tests"),
+                                                     app=str(REPO_ROOT / "app.py"))))
+    empty = tmp_path / "no_models"
+    empty.mkdir()
+    server = Server(script, site, _env(LESIONTRIAGE_MODELS=str(empty)))
+    try:
+        timings = run_flow(browser, server, scene_file, tmp_path, "stand-in", first_timeout_s=60)
+    finally:
+        server.stop()
+    _log_timings("stand-in", timings)
+
+
+@pytest.mark.models
+@pytest.mark.skipif(not sup.model_installed(MODELS_DIR),
+                    reason="no trained model in models/ yet (models/metadata.json lists no classifier)")
+def test_browser_flow_with_shipped_models(browser, scene_file, tmp_path):
+    server = Server(REPO_ROOT / "app.py", REPO_ROOT, _env())
+    try:
+        timings = run_flow(browser, server, scene_file, tmp_path, "shipped", first_timeout_s=120)
+    finally:
+        server.stop()
+    _log_timings("shipped", timings)
+
+
+def test_no_model_page_in_the_browser(browser, tmp_path):
+    empty = tmp_path / "no_models"
+    empty.mkdir()
+    server = Server(REPO_ROOT / "app.py", REPO_ROOT, _env(LESIONTRIAGE_MODELS=str(empty)))
+    try:
+        server.wait_ready()
+        ctx = browser.new_context(viewport=VIEWPORT)
+        page = ctx.new_page()
+        page.goto(server.url, wait_until="domcontentloaded")
+        expect(page.get_by_text("No model installed yet")).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("Intended use:")).to_be_visible()
+        assert page.locator('[data-testid="stException"]').count() == 0
+        page.screenshot(path=str(ARTIFACTS / "e2e_no_model.png"))
+        ctx.close()
+    finally:
+        server.stop()
