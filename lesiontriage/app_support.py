@@ -168,36 +168,41 @@ def draw_lesions(image: np.ndarray | Image.Image, result: TriageResult, highligh
     return img
 
 
-def legend_strip(width: int, height: int | None = None, title: str = "Box colour = lesion p(malignant)") -> Image.Image:
-    """A continuous colour bar with ticks 0 .. 1, as wide as the photo it sits under."""
+def legend_strip(width: int, title: str = "Box colour = lesion p(malignant)") -> Image.Image:
+    """A continuous colour bar with ticks 0 .. 1, as wide as the photo it sits under.
+
+    Title left of the bar on wide photos, above it on narrow ones; sizes scale with the width so the
+    text stays readable once the photo is shrunk into a page column.
+    """
     width = max(240, int(width))
-    fsize = max(11, min(22, round(width / 60)))
+    fsize = max(12, min(48, round(width / 42)))
     font = _font(fsize)
-    height = height or int(fsize * 3.6)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    margin = max(8, width // 40)
+    title_w = probe.textbbox((0, 0), title, font=font)[2]
+    bar_h = max(10, round(fsize * 1.1))
+    side_by_side = width - (2 * margin + title_w + margin) >= width * 0.5
+    top = max(4, fsize // 3) if side_by_side else fsize + 8
+    height = top + bar_h + 6 + fsize + 6
     img = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    margin = max(12, width // 40)
-    title_w = draw.textbbox((0, 0), title, font=font)[2]
-    bar_x0 = margin + title_w + margin
-    bar_x1 = width - margin
-    if bar_x1 - bar_x0 < width * 0.35:  # narrow image: title above the bar
-        draw.text((margin, 2), title, fill=(30, 30, 30), font=font)
-        bar_x0, top = margin, fsize + 6
+    if side_by_side:
+        bar_x0 = 2 * margin + title_w
+        draw.text((margin, top + bar_h // 2), title, fill=(30, 30, 30), font=font, anchor="lm")
     else:
-        draw.text((margin, (height - fsize) // 2 - fsize // 3), title, fill=(30, 30, 30), font=font)
-        top = max(4, height // 8)
-    bar_h = max(8, (height - top) // 2 - 2)
+        bar_x0 = margin
+        draw.text((margin, 3), title, fill=(30, 30, 30), font=font)
+    bar_x1 = width - margin
     xs = np.linspace(0.0, 1.0, max(2, bar_x1 - bar_x0))
     cols = np.stack([np.interp(xs, _SCALE_POS, _SCALE_RGB[:, c]) for c in range(3)], axis=-1).astype(np.uint8)
-    bar = np.repeat(cols[None], bar_h, axis=0)
-    img.paste(Image.fromarray(bar), (bar_x0, top))
-    draw.rectangle([bar_x0, top, bar_x0 + bar.shape[1] - 1, top + bar_h - 1], outline=(60, 60, 60))
+    img.paste(Image.fromarray(np.repeat(cols[None], bar_h, axis=0)), (bar_x0, top))
+    draw.rectangle([bar_x0, top, bar_x0 + len(xs) - 1, top + bar_h - 1], outline=(60, 60, 60))
     for t in (0.0, 0.25, 0.5, 0.75, 1.0):
-        x = bar_x0 + t * (bar.shape[1] - 1)
+        x = bar_x0 + t * (len(xs) - 1)
         draw.line([x, top + bar_h, x, top + bar_h + 4], fill=(60, 60, 60), width=1)
         lab = f"{t:g}"
-        lw_ = draw.textbbox((0, 0), lab, font=font)[2]
-        draw.text((min(max(0, x - lw_ / 2), width - lw_), top + bar_h + 5), lab, fill=(30, 30, 30), font=font)
+        lab_w = probe.textbbox((0, 0), lab, font=font)[2]
+        draw.text((min(max(0, x - lab_w / 2), width - lab_w - 1), top + bar_h + 5), lab, fill=(30, 30, 30), font=font)
     return img
 
 

@@ -54,6 +54,38 @@ def data_build(
 
 # ---- more commands are registered below (scenes, train, predict, evaluate, bench) -------------
 
+# ---- bench ------------------------------------------------------------------------------------
+@app.command("bench")
+def bench(
+    models: Optional[Path] = typer.Option(None, "--models", help="Models folder (default: shipped models/)"),
+    repeats: int = typer.Option(7, "--repeats", help="Predictions per image kind"),
+    seed_config: bool = typer.Option(True, "--seed-config/--no-seed-config", help="Also time the seed paper's ResNet-50 setup"),
+    out: Path = typer.Option(Path("models/reports/bench.json"), "--out"),
+) -> None:
+    """Per-stage latency, throughput, load time and memory; side by side with the seed configuration."""
+    from rich.table import Table
+
+    from lesiontriage.bench import run_bench
+    from lesiontriage.errors import LesionTriageError
+    from lesiontriage.train.common import command_line
+
+    try:
+        rep = run_bench(models, repeats=repeats, seed_config=seed_config, out=out, command=command_line())
+    except LesionTriageError as exc:
+        _fail(str(exc))
+    table = Table(title="lesiontriage bench (ms: median / p95)")
+    for col in ("config", "image", "stage", "median ms", "p95 ms", "n"):
+        table.add_column(col)
+    for config, block in (("lesiontriage", rep.stages), ("seed R50-FPN", rep.seed_config)):
+        for kind, stages in block.items():
+            for stage, st in stages.items():
+                table.add_row(config, kind, stage, f"{st.median_ms:.1f}", f"{st.p95_ms:.1f}", str(st.n))
+    console.print(table)
+    console.print(f"model load: {rep.load_s}  throughput: {rep.throughput_images_per_s}  peak RSS MB: {rep.peak_rss_mb}")
+    console.print(f"speed ratio (seed / ours, end-to-end median): {rep.speed_ratio_end_to_end}  -> {out}")
+
+
+
 # ---- predict ----------------------------------------------------------------------------------
 @app.command("predict")
 def predict(

@@ -73,28 +73,28 @@ key_model = sup.model_key(pipe)
 
 # ---- run (cached on bytes + settings + model) -----------------------------------------------------
 t0 = time.perf_counter()
+problem: str | None = None
 with st.status("Analysing the photo: decoding, checking quality, detecting lesions, classifying each lesion...",
                expanded=False) as status:
     try:
         base = ui.predict_cached(data, name, whole_image, key_model)
-    except ImageError as exc:
-        status.update(label="This file could not be analysed", state="error")
-        st.error(str(exc), icon=":material/broken_image:")
-        st.stop()
-    except ModelError as exc:
-        status.update(label="The model could not run", state="error")
-        st.error(str(exc))
-        st.stop()
+    except (ImageError, ModelError) as exc:
+        problem = str(exc)
     except Exception as exc:  # the app keeps working; the reason is shown in one line
         log.exception("prediction failed for %s", name)
-        status.update(label="Unexpected error", state="error")
-        st.error(f"{name}: could not be analysed ({type(exc).__name__}: {exc}).")
-        st.stop()
-    elapsed = time.perf_counter() - t0
-    stages = " · ".join(f"{k} {v:.0f} ms" for k, v in base.timings_ms.items() if k != "total")
-    st.write(f"Model stages: {stages}")
-    status.update(label=f"Analysed in {elapsed:.2f} s" + (" (cached result)" if elapsed < 0.05 else "")
-                  + f" - {stages}", state="complete")
+        problem = f"{name}: could not be analysed ({type(exc).__name__}: {exc})."
+    if problem is None:
+        elapsed = time.perf_counter() - t0
+        stages = " · ".join(f"{k} {v:.0f} ms" for k, v in base.timings_ms.items() if k != "total")
+        st.write(f"Model stages: {stages}")
+        status.update(label=f"Analysed in {elapsed:.2f} s" + (" (cached result)" if elapsed < 0.05 else "")
+                      + f" - {stages}", state="complete")
+    else:
+        status.update(label="This file could not be analysed", state="error")
+if problem is not None:  # outside the collapsed status box, so it cannot be missed
+    st.error(problem, icon=":material/broken_image:")
+    st.caption("Try another photo: JPEG, PNG, WebP, HEIC or TIFF of skin, at least a few hundred pixels wide.")
+    st.stop()
 
 # ---- aggregation (no model re-run) ----------------------------------------------------------------
 two_stage = base.mode == "two_stage"
@@ -111,7 +111,7 @@ with col_side:
               help="Image-level malignancy score in [0, 1] from the chosen aggregation of lesion probabilities.")
     m2.metric("Lesions found", n if two_stage else "-")
     colour = sup.TIER_COLOURS.get(result.tier.name, "gray")
-    st.markdown(f"#### Tier: :{colour}-background[{result.tier.name.upper()}]")
+    st.markdown(f"#### Tier: :{colour}-background[:{colour}[{result.tier.name.upper()}]]")
     st.markdown(result.tier.reason)
     if two_stage:
         st.segmented_control(
@@ -124,6 +124,17 @@ with col_side:
             st.warning(f"Image quality: {w}", icon=":material/warning:")
     elif result.quality:
         st.caption("Image quality checks passed (sharpness, exposure, resolution).")
+    stem = sup.export_stem(name)
+    display = ui.display_image(data)
+    st.caption("Download this result (nothing is stored on the server; the PNG carries no EXIF):")
+    d1, d2, d3 = st.columns(3)
+    d1.download_button("JSON", sup.result_json(result), file_name=f"{stem}_triage.json", mime="application/json",
+                       icon=":material/download:", on_click="ignore", help="Full result, current aggregation")
+    d2.download_button("CSV", sup.result_csv(result), file_name=f"{stem}_triage.csv", mime="text/csv",
+                       icon=":material/download:", on_click="ignore", help="Table: one row per lesion")
+    d3.download_button("PNG", lambda: sup.png_bytes(sup.annotate(display, result, highlight=None)),
+                       file_name=f"{stem}_annotated.png", mime="image/png", icon=":material/download:",
+                       on_click="ignore", help="Annotated image with the colour legend, no EXIF")
 
 if two_stage and n == 0:
     with col_side:
@@ -182,7 +193,7 @@ if n:
     c_crop, c_cam, c_sub = st.columns([1, 1, 2])
     with c_crop:
         if selected < len(crops):
-            st.image(crops[selected], caption=f"Lesion #{selected + 1} with context", width="stretch")
+            st.image(crops[selected], caption=f"Lesion #{selected + 1} with context", width=224)
         st.caption(f"Detector confidence {lesion.detector_score:.2f} · box "
                    + ", ".join(f"{v:.0f}" for v in lesion.box))
     with c_cam:
@@ -192,7 +203,7 @@ if n:
                 try:
                     heat = ui.gradcam_cached(data, name, selected, key_model, base)
                     st.image(heat, caption=f"Grad-CAM, lesion #{selected + 1}: where the malignancy score looks",
-                             width="stretch")
+                             width=224)
                 except Exception as exc:
                     st.error(f"Grad-CAM failed for lesion #{selected + 1}: {type(exc).__name__}: {exc}")
         elif st.button("Show Grad-CAM", key=f"btn_{cam_flag}", icon=":material/visibility:",
@@ -203,18 +214,7 @@ if n:
         if lesion.subtypes:
             st.plotly_chart(sup.subtype_figure(lesion.subtypes), width="stretch", key=f"sub_{image_hash}_{selected}")
 
-# ---- downloads and timings --------------------------------------------------------------------------
-stem = sup.export_stem(name)
-d1, d2, d3 = st.columns(3)
-d1.download_button("Download result (JSON)", sup.result_json(result), file_name=f"{stem}_triage.json",
-                   mime="application/json", icon=":material/download:", on_click="ignore")
-d2.download_button("Download table (CSV)", sup.result_csv(result), file_name=f"{stem}_triage.csv",
-                   mime="text/csv", icon=":material/download:", on_click="ignore")
-display = ui.display_image(data)
-d3.download_button("Download annotated image (PNG, no EXIF)",
-                   lambda: sup.png_bytes(sup.annotate(display, result, highlight=None)),
-                   file_name=f"{stem}_annotated.png", mime="image/png", icon=":material/download:", on_click="ignore")
-
+# ---- timings ------------------------------------------------------------------------------------------
 with st.expander("Per-stage timings and model"):
     st.dataframe(
         [{"stage": k, "ms": round(v, 1)} for k, v in base.timings_ms.items()]

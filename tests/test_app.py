@@ -303,7 +303,7 @@ def test_synthetic_example_is_labelled_and_analysed(fake):
 def test_downloads_are_offered(fake):
     at = upload(app_test().run(), scene_jpeg(), "My Photo 1.jpg")
     labels = [b.proto.label for b in at.get("download_button")]
-    assert any("JSON" in l for l in labels) and any("CSV" in l for l in labels) and any("PNG" in l for l in labels)
+    assert labels == ["JSON", "CSV", "PNG"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -415,3 +415,20 @@ def test_load_manifest_missing_gives_hint(tmp_path):
 def test_build_without_data_root_is_clear(tmp_path):
     with pytest.raises(DataError, match="not found"):
         build_manifest(data_root=tmp_path / "absent", out_dir=tmp_path / "o")
+
+
+def test_corrupt_image_is_dropped_with_reason(fake_root, tmp_path):
+    bad = fake_root / "sd198_tumour_subset" / "images" / "000003HB.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    built = build_manifest(data_root=fake_root, out_dir=tmp_path / "out", seed=0)
+    assert "sd198_tumour_subset/images/000003HB.jpg" not in set(built.manifest["path"])
+    reasons = {d["path"]: d["reason"] for d in built.report["dropped"]}
+    assert "unreadable image" in reasons["sd198_tumour_subset/images/000003HB.jpg"]
+
+
+def test_empty_sets_are_a_clear_error(tmp_path):
+    d = tmp_path / "data" / "ham10000"
+    d.mkdir(parents=True)
+    (d / "metadata.csv").write_text(",".join(ham10000.COLUMNS) + "\n")
+    with pytest.raises(DataError, match="no readable images"):
+        build_manifest(data_root=tmp_path / "data", out_dir=tmp_path / "o")

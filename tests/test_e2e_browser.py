@@ -56,6 +56,7 @@ def _skip_reason() -> str | None:
 if (_reason := _skip_reason()) is not None:
     pytest.skip(_reason, allow_module_level=True)
 
+from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
 
@@ -145,6 +146,17 @@ def wait_idle(page, timeout: float = 60_000) -> None:
     page.wait_for_function("() => document.querySelectorAll('[data-stale=\"true\"]').length === 0", timeout=timeout)
 
 
+def full_screenshot(page, path: Path) -> None:
+    """Streamlit scrolls inside its own container, so full_page=True shows only the viewport:
+    make the viewport as tall as the content instead, then restore it."""
+    height = page.evaluate("() => Math.max(...[...document.querySelectorAll('[data-testid=\"stMain\"], "
+                           "[data-testid=\"stMainBlockContainer\"]')].map(e => e.scrollHeight), 900)")
+    page.set_viewport_size({"width": VIEWPORT["width"], "height": min(int(height) + 100, 6000)})
+    page.wait_for_timeout(1500)  # tables and charts re-render after a resize
+    page.screenshot(path=str(path))
+    page.set_viewport_size(VIEWPORT)
+
+
 def score_text(page) -> str:
     metric = page.locator('[data-testid="stMetric"]', has_text="Triage score")
     return metric.locator('[data-testid="stMetricValue"]').inner_text().strip()
@@ -172,22 +184,29 @@ def run_flow(browser, server: Server, scene: Path, tmp_path: Path, variant: str,
         wait_idle(page)
         timings["first_result_s"] = round(time.perf_counter() - t0, 2)
         page.screenshot(path=str(ARTIFACTS / f"e2e_{variant}_result.png"), full_page=False)
-        page.screenshot(path=str(ARTIFACTS / f"e2e_{variant}_result_full.png"), full_page=True)
+        full_screenshot(page, ARTIFACTS / f"e2e_{variant}_result_full.png")
         first_score = score_text(page)
         assert re.fullmatch(r"\d\.\d\d", first_score), first_score
 
         # 2. aggregation switch: no model re-run
         target = "Max"
-        t1 = time.perf_counter()
         option = page.locator(".st-key-aggregation").get_by_role("radio", name=target, exact=True)
+        t1 = time.perf_counter()
         option.click()
         expect(option).to_have_attribute("aria-checked", "true")
-        wait_idle(page)
+        try:  # the score changes when the lesions' probabilities differ (time to the new number on screen)
+            page.wait_for_function(
+                """old => { const m = [...document.querySelectorAll('[data-testid="stMetric"]')]
+                              .find(e => e.innerText.includes('Triage score'));
+                            return m && !m.innerText.includes(old); }""", arg=first_score, timeout=5_000)
+        except PlaywrightTimeout:  # same value under both aggregations (e.g. one lesion): wait for the run
+            pass
         timings["aggregation_switch_s"] = round(time.perf_counter() - t1, 3)
+        wait_idle(page)
 
         # 3. CSV download reflects the chosen aggregation
         with page.expect_download() as dl_info:
-            page.get_by_role("button", name=re.compile("Download table")).click()
+            page.get_by_role("button", name="CSV", exact=True).click()
         dl = dl_info.value
         csv_path = ARTIFACTS / f"e2e_{variant}_{dl.suggested_filename}"
         dl.save_as(str(csv_path))
@@ -275,7 +294,7 @@ def test_no_model_page_in_the_browser(browser, tmp_path):
         ctx = browser.new_context(viewport=VIEWPORT)
         page = ctx.new_page()
         page.goto(server.url, wait_until="domcontentloaded")
-        expect(page.get_by_text("No model installed yet")).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("No model installed yet", exact=True)).to_be_visible(timeout=60_000)
         expect(page.get_by_text("Intended use:")).to_be_visible()
         assert page.locator('[data-testid="stException"]').count() == 0
         page.screenshot(path=str(ARTIFACTS / "e2e_no_model.png"))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -72,6 +72,7 @@ class DedupResult:
     pairs: pd.DataFrame  # path_a, path_b, phash_dist, dhash_dist, ncc_grey, ncc_rgb
     clusters: list[list[str]]
     stats: dict
+    unreadable: dict[str, str] = field(default_factory=dict)  # path -> reason (dropped by the caller)
 
 
 def _bits_to_int(h: imagehash.ImageHash) -> int:
@@ -86,9 +87,20 @@ def hash_image(path: Path) -> tuple[int, int]:
         return _bits_to_int(imagehash.phash(g)), _bits_to_int(imagehash.dhash(g))
 
 
+def _safe_hash(path: Path) -> tuple[int, int] | str:
+    """Hashes, or the reason the file cannot be decoded (the caller drops it and reports why)."""
+    try:
+        return hash_image(path)
+    except Exception as exc:  # PIL raises many types for truncated / non-image files
+        return f"unreadable image ({exc.__class__.__name__}: {str(exc)[:80]})"
+
+
 def compute_hashes(rel_paths: Sequence[str], data_root: Path, cache_dir: Path | None = None,
-                   threads: int | None = None) -> pd.DataFrame:
-    """DataFrame(path, phash, dhash) (uint64) for ``rel_paths``, reusing the cache where path+size+mtime match."""
+                   threads: int | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
+    """(DataFrame(path, phash, dhash) as uint64, {path: reason} for undecodable files).
+
+    Reuses the cache where path + size + mtime match; failures are never cached.
+    """
     data_root = Path(data_root)
     stats = []
     for p in rel_paths:
@@ -104,27 +116,32 @@ def compute_hashes(rel_paths: Sequence[str], data_root: Path, cache_dir: Path | 
             log.warning("%s: unreadable hash cache (%s), rebuilding", cache_path, exc)
     merged = cur.merge(cached, on=["path", "size", "mtime_ns"], how="left")
     todo = merged.index[merged["phash"].isna()].tolist()
+    errors: dict[str, str] = {}
+    ph = [None if pd.isna(v) else int(v) & _MASK for v in merged["phash"]]
+    dh = [None if pd.isna(v) else int(v) & _MASK for v in merged["dhash"]]
     if todo:
         log.info("hashing %d images (%d cached)", len(todo), len(merged) - len(todo))
         with ThreadPoolExecutor(threads or min(4, (os.cpu_count() or 2) * 2)) as pool:
-            res = list(pool.map(lambda i: hash_image(data_root / merged.at[i, "path"]), todo))
-        ph = merged["phash"].astype("object").to_numpy().copy()
-        dh = merged["dhash"].astype("object").to_numpy().copy()
-        for i, (p, d) in zip(todo, res):
-            ph[i], dh[i] = p, d
-        merged["phash"], merged["dhash"] = ph, dh
-    # store as int64 bit patterns (parquet has no uint64 everywhere); view back to uint64 for maths
-    out = merged[["path", "size", "mtime_ns"]].copy()
-    out["phash"] = np.array([int(v) & _MASK for v in merged["phash"]], dtype=np.uint64).view(np.int64)
-    out["dhash"] = np.array([int(v) & _MASK for v in merged["dhash"]], dtype=np.uint64).view(np.int64)
+            res = list(pool.map(lambda i: _safe_hash(data_root / merged.at[i, "path"]), todo))
+        for i, r in zip(todo, res):
+            if isinstance(r, str):
+                errors[merged.at[i, "path"]] = r
+                log.warning("%s: %s", merged.at[i, "path"], r)
+            else:
+                ph[i], dh[i] = r
+    ok = np.array([v is not None for v in ph], dtype=bool)
+    out = merged.loc[ok, ["path", "size", "mtime_ns"]].reset_index(drop=True)
+    out["phash"] = np.array([v for v in ph if v is not None], dtype=np.uint64)
+    out["dhash"] = np.array([v for v in dh if v is not None], dtype=np.uint64)
     if cache_path and todo:
+        # store as int64 bit patterns (parquet readers differ on uint64); masked back to unsigned on read
+        store = out.assign(phash=out["phash"].to_numpy().view(np.int64), dhash=out["dhash"].to_numpy().view(np.int64))
+        keep = pd.concat([cached[~cached["path"].isin(store["path"])], store], ignore_index=True) if len(cached) else store
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        keep = pd.concat([cached[~cached["path"].isin(out["path"])], out], ignore_index=True) if len(cached) else out
         tmp = cache_path.with_suffix(".tmp")
         keep.to_parquet(tmp, index=False)
         tmp.replace(cache_path)
-    return pd.DataFrame({"path": out["path"], "phash": out["phash"].to_numpy().view(np.uint64),
-                         "dhash": out["dhash"].to_numpy().view(np.uint64)})
+    return out[["path", "phash", "dhash"]], errors
 
 
 def close_pairs(a: np.ndarray, b: np.ndarray, a_max: int, b_max: int, block: int = 1024) -> np.ndarray:
@@ -218,8 +235,10 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def find_duplicates(rel_paths: Sequence[str], data_root: Path, sources: Sequence[str] | None = None,
                     cache_dir: Path | None = None, policy: DedupPolicy = DedupPolicy()) -> DedupResult:
     """Near-duplicate pairs among ``rel_paths`` (within and across sets) and their union-find clusters."""
-    paths = list(rel_paths)
-    hashes = compute_hashes(paths, data_root, cache_dir)
+    src_of = dict(zip(rel_paths, sources)) if sources is not None else {}
+    hashes, unreadable = compute_hashes(list(rel_paths), data_root, cache_dir)
+    paths = hashes["path"].tolist()
+    sources = [src_of[q] for q in paths] if src_of else None
     ph, dh = hashes["phash"].to_numpy(), hashes["dhash"].to_numpy()
     cand = close_pairs(ph, dh, policy.phash_max, 64)
     involved = np.unique(cand[:, :2]) if len(cand) else np.zeros(0, dtype=np.int64)
@@ -259,4 +278,4 @@ def find_duplicates(rel_paths: Sequence[str], data_root: Path, sources: Sequence
     }
     log.info("dedup: %d candidate pairs (pHash <= %d), %d confirmed, %d clusters",
              len(cand), policy.phash_max, int(ok.sum()), len(clusters))
-    return DedupResult(pairs, clusters, stats)
+    return DedupResult(pairs, clusters, stats, unreadable)

@@ -167,6 +167,17 @@ def _summaries(df: pd.DataFrame) -> dict:
     return out
 
 
+def _describe_cluster(paths_: list[str], df: pd.DataFrame) -> dict:
+    """A near-duplicate cluster for the report: its members, split, and whether ids already linked them."""
+    rows = df[df["path"].isin(paths_)]
+    lesions = rows["lesion_id"].dropna().unique()
+    return {"paths": paths_, "sources": sorted(rows["source"].astype(str).unique()),
+            "split": sorted(rows["split"].astype(str).unique()), "group_id": sorted(rows["group_id"].astype(str).unique()),
+            "diagnoses": sorted(rows["diagnosis"].astype(str).unique()),
+            "already_linked_by_ids": bool(len(lesions) == 1 and rows["lesion_id"].notna().all()),
+            "distinct_lesion_ids": int(len(lesions))}
+
+
 def build_manifest(data_root: str | Path | None = None, out_dir: str | Path = Path("runs/data"), seed: int = 0,
                    report_copy: str | Path | None = None, dedup_policy: DedupPolicy = DedupPolicy()) -> ManifestBuild:
     """Read every set under the data root, unify, dedup, split, validate, and write manifest + report."""
@@ -182,6 +193,11 @@ def build_manifest(data_root: str | Path | None = None, out_dir: str | Path = Pa
 
     dedup = find_duplicates(df["path"].tolist(), root, df["source"].astype(str).tolist(), cache_dir=out_dir,
                             policy=dedup_policy)
+    if dedup.unreadable:
+        bad = df["path"].isin(list(dedup.unreadable))
+        dropped += [{"source": s, "image_id": i, "path": p, "reason": dedup.unreadable[p]}
+                    for s, i, p in zip(df.loc[bad, "source"], df.loc[bad, "image_id"], df.loc[bad, "path"])]
+        df = df.loc[~bad].reset_index(drop=True)
     df["group_id"] = assign_groups(df, zip(dedup.pairs["path_a"], dedup.pairs["path_b"]))
     policy = SplitPolicy(seed=seed)
     df["split"], moves = assign_splits(df, policy)
@@ -191,8 +207,6 @@ def build_manifest(data_root: str | Path | None = None, out_dir: str | Path = Pa
     manifest_path = out_dir / MANIFEST_NAME
     write_manifest(df, manifest_path)
     digest = manifest_hash(df)
-    group_of = dict(zip(df["path"], df["group_id"]))
-    split_of = dict(zip(df["path"], df["split"]))
     report = {
         "what": "lesiontriage data manifest report (research use only; not a medical device)",
         "data_root": str(root),
@@ -210,11 +224,14 @@ def build_manifest(data_root: str | Path | None = None, out_dir: str | Path = Pa
         "split_policy": policy.as_dict(),
         "dropped": dropped,
         "moved": moves,
+        "moved_note": ("rows whose split differs from their own source's policy because their group holds an image "
+                       "with a more restrictive official split (test > val > train) or of another set"
+                       + ("" if moves else "; none this build: no group mixed official splits or sets")),
         "dedup": {
             "policy": dedup_policy.as_dict(),
             "stats": dedup.stats,
             "pairs": dedup.pairs.to_dict(orient="records"),
-            "clusters": [{"paths": c, "group_id": group_of.get(c[0]), "split": split_of.get(c[0])} for c in dedup.clusters],
+            "clusters": [_describe_cluster(c, df) for c in dedup.clusters],
         },
         "build_seconds": round(time.perf_counter() - t0, 1),
     }

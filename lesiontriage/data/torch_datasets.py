@@ -20,10 +20,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
 from lesiontriage.data.manifest import resolve_path
-try:
-    from lesiontriage.imaging import crop_with_margin
-except ImportError:  # pragma: no cover - bootstrap before imaging.py existed
-    from lesiontriage.data._crop_bootstrap import crop_with_margin
+from lesiontriage.imaging import crop_with_margin
 from lesiontriage.results import SUBTYPES
 
 log = logging.getLogger(__name__)
