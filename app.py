@@ -10,8 +10,11 @@ import streamlit as st
 
 from lesiontriage import __version__
 from lesiontriage.results import INTENDED_USE
+from pages import ui_common
 
-st.set_page_config(page_title="lesiontriage", page_icon=":material/dermatology:", layout="wide",
+# page_icon: an emoji (rendered locally); a ":material/...:" icon would make the browser fetch the favicon
+# from fonts.gstatic.com, an outbound request the privacy test forbids.
+st.set_page_config(page_title="lesiontriage", page_icon="🩺", layout="wide",
                    menu_items={"About": f"lesiontriage {__version__}. {INTENDED_USE}"})
 
 PAGES = {
@@ -27,4 +30,4 @@ PAGES = {
 }
 
 page = st.navigation(PAGES)
-page.run()  # every page opens with the intended-use statement (pages/ui_common.intended_use_banner)
+ui_common.run_page(page)  # each page opens with the intended-use statement (ui_common.intended_use_banner)

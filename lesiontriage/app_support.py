@@ -41,6 +41,15 @@ AGGREGATION_HELP = (
     "How per-lesion probabilities become one image score. Mean: average lesion. Max: the most "
     "suspicious lesion. Noisy-OR: 1 - prod(1 - p), the chance that at least one lesion is malignant."
 )
+def aggregation_sentence(aggregate: str, n_lesions: int, score: float) -> str:
+    """One line under the score saying how it was made (it also tells a browser test the switch landed)."""
+    how = {"mean": "mean", "max": "maximum", "noisy_or": "noisy-OR, 1 - prod(1 - p),"}.get(aggregate, aggregate)
+    if n_lesions == 0:
+        return f"Score by {AGGREGATIONS.get(aggregate, aggregate)}: no lesion found, so the score is {score:.2f} by definition."
+    plural = "s" if n_lesions != 1 else ""
+    return f"Score by {AGGREGATIONS.get(aggregate, aggregate)}: the {how} of {n_lesions} lesion probabilit{'ies' if plural else 'y'}."
+
+
 SUBTYPE_NAMES: dict[str, str] = {
     "MEL": "melanoma", "NV": "naevus", "BCC": "basal cell carcinoma",
     "AKIEC": "actinic keratosis / Bowen / SCC", "BKL": "benign keratosis", "DF": "dermatofibroma",

@@ -52,6 +52,48 @@ def data_build(
     console.print(f"manifest: {result.manifest_path}  ({len(result.manifest)} rows, sha256 {result.manifest_hash[:12]})")
 
 
+# ---- evaluate (owner: evaluation; lesiontriage/evaluate/run.py) --------------------------------
+@app.command("evaluate")
+def evaluate_cmd(
+    models: Optional[Path] = typer.Option(None, "--models", help="Models folder (default: the shipped models/)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report folder, JSON + parquet (default: models/reports/)"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Shared data folder"),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest parquet (default runs/data/manifest.parquet)"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Images per split (seeded sample) for a quick run"),
+    seed: int = typer.Option(0, "--seed", help="Seed for sampling, bootstrap and the embedding map"),
+    n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Bootstrap replicates for the CIs"),
+    workers: int = typer.Option(1, "--workers", min=1, help="Inference processes (1 thread each when > 1)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Ignore and do not write runs/eval_cache/"),
+) -> None:
+    """Evaluate the shipped models on every test split; write models/reports/ (JSON + parquet)."""
+    from lesiontriage.errors import LesionTriageError
+    from lesiontriage.evaluate.run import EvalSettings, evaluate
+    from lesiontriage.paths import MODELS_DIR, REPORTS_DIR, RUNS_DIR
+
+    settings = EvalSettings(models_dir=models or MODELS_DIR, out_dir=out or REPORTS_DIR, data_root=data_root, manifest=manifest, limit=limit, seed=seed,
+                            n_boot=n_boot, n_boot_paired=2 * n_boot, workers=workers,
+                            cache_dir=None if no_cache else RUNS_DIR / "eval_cache",
+                            command=" ".join(["lesiontriage", *sys.argv[1:]]))
+    try:
+        res = evaluate(settings)
+    except LesionTriageError as exc:
+        _fail(str(exc))
+    from rich.table import Table
+
+    table = Table(title=f"lesiontriage evaluate: {res.n_images} images ({res.n_computed} computed) in {res.seconds['total']:.0f} s")
+    for col in ("metric", "value", "95% CI", "n", "split / status"):
+        table.add_column(col)
+    for key, m in res.summary.items():
+        if not isinstance(m, dict) or "value" not in m:
+            continue
+        v = m.get("value")
+        ci = f"{m['ci_low']:.3f}-{m['ci_high']:.3f}" if m.get("ci_low") is not None and m.get("ci_high") is not None else ""
+        table.add_row(key, f"{v:.3f}" if isinstance(v, (int, float)) else "-", ci, str(m.get("n") or ""),
+                      str(m.get("status") or m.get("split") or ""))
+    console.print(table)
+    console.print(f"reports: {res.out_dir}")
+
+
 # ---- more commands are registered below (scenes, train, predict, evaluate, bench) -------------
 
 # ---- bench ------------------------------------------------------------------------------------

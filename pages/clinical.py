@@ -8,6 +8,7 @@ import streamlit as st
 from lesiontriage import app_support as sup
 from pages import ui_common as ui
 
+ui.ensure_navigation()
 ui.intended_use_banner()
 st.title("Clinical covariates & management")
 st.caption("Research outputs measured on held-out data; a management suggestion is never a clinical decision.")

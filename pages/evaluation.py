@@ -8,6 +8,7 @@ import streamlit as st
 from lesiontriage import app_support as sup
 from pages import ui_common as ui
 
+ui.ensure_navigation()
 ui.intended_use_banner()
 st.title("Evaluation")
 st.caption(f"Reads the evaluation reports in `{sup.reports_dir()}`; nothing is recomputed here.")

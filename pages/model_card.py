@@ -11,6 +11,7 @@ from lesiontriage import app_support as sup
 from lesiontriage.results import INTENDED_USE
 from pages import ui_common as ui
 
+ui.ensure_navigation()
 ui.intended_use_banner()
 st.title("Model card")
 meta = sup.load_metadata()

@@ -7,6 +7,7 @@ import streamlit as st
 from lesiontriage import app_support as sup
 from pages import ui_common as ui
 
+ui.ensure_navigation()
 ui.intended_use_banner()
 st.title("Speed & reliability")
 

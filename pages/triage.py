@@ -14,6 +14,7 @@ from pages import ui_common as ui
 
 log = logging.getLogger("lesiontriage.app")
 
+ui.ensure_navigation()
 ui.intended_use_banner()
 st.title("Skin-lesion triage")
 
@@ -117,6 +118,7 @@ with col_side:
         st.segmented_control(
             "Aggregation", options=list(sup.AGGREGATIONS), format_func=sup.AGGREGATIONS.get,
             default=default_agg, key="aggregation", required=True, help=sup.AGGREGATION_HELP)
+        st.caption(sup.aggregation_sentence(result.aggregate, n, result.image_score))
     else:
         st.caption("Whole-image mode: one score for the whole photo; aggregation does not apply.")
     if result.quality and result.quality.warnings:
@@ -125,7 +127,7 @@ with col_side:
     elif result.quality:
         st.caption("Image quality checks passed (sharpness, exposure, resolution).")
     stem = sup.export_stem(name)
-    display = ui.display_image(data)
+    display, display_problem = ui.display_image(data, result.width, result.height)
     st.caption("Download this result (nothing is stored on the server; the PNG carries no EXIF):")
     d1, d2, d3 = st.columns(3)
     d1.download_button("JSON", sup.result_json(result), file_name=f"{stem}_triage.json", mime="application/json",
@@ -152,7 +154,9 @@ if n and pick_key not in st.session_state:
 selected = st.session_state.get(pick_key) if n else None
 
 with col_image:
-    shown = sup.annotate(ui.display_image(data), result, highlight=selected)
+    if display_problem:
+        st.warning(display_problem)
+    shown = sup.annotate(display, result, highlight=selected)
     cap = f"{name} ({result.width} x {result.height} px)"
     if n:
         cap += f". {n} lesion{'s' if n != 1 else ''} found, box colour = p(malignant); lesion #{selected + 1} highlighted."

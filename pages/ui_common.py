@@ -9,6 +9,8 @@ Uploads stay in memory: nothing here writes an image to disk.
 from __future__ import annotations
 
 import logging
+import runpy
+import threading
 from typing import Any
 
 from pathlib import Path
@@ -20,6 +22,35 @@ from lesiontriage import app_support as sup
 from lesiontriage.results import INTENDED_USE
 
 log = logging.getLogger("lesiontriage.app")
+
+
+# ---- navigation guard --------------------------------------------------------------------------------
+
+_NAV = threading.local()
+APP_SCRIPT = Path(__file__).resolve().parent.parent / "app.py"
+
+
+def run_page(page: Any) -> None:
+    """Run the page st.navigation chose (called by app.py), marking this script run as navigated."""
+    _NAV.active = True
+    try:
+        page.run()
+    finally:
+        _NAV.active = False
+
+
+def ensure_navigation() -> None:
+    """Route a page through app.py when Streamlit runs it on its own.
+
+    Streamlit quirk: until app.py has run once in a server process, a direct link such as
+    /evaluation runs pages/evaluation.py by itself (the old pages/-folder mode): no page config, a
+    sidebar listing every file. Running app.py here installs st.navigation, which then runs the
+    requested page normally; this outer run stops.
+    """
+    if getattr(_NAV, "active", False):
+        return
+    runpy.run_path(str(APP_SCRIPT), run_name="__main__")
+    st.stop()
 
 
 def intended_use_banner() -> None:
@@ -72,8 +103,16 @@ def predict_cached(data: bytes, name: str, whole_image: bool, model_key: str) ->
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def display_image(data: bytes, max_side: int = 1600) -> np.ndarray:
-    return sup.decode_for_display(data, max_side)
+def display_image(data: bytes, width: int, height: int, max_side: int = 1600) -> tuple[np.ndarray, str]:
+    """The photo for display; if this decoder cannot show a file the pipeline accepted, a grey canvas
+    of the same shape (the boxes and numbers stay right) and a warning, never a crash."""
+    try:
+        return sup.decode_for_display(data, max_side), ""
+    except Exception as exc:
+        log.warning("display decode failed: %s", exc)
+        scale = min(1.0, max_side / max(width, height, 1))
+        canvas = np.full((max(1, round(height * scale)), max(1, round(width * scale)), 3), 200, np.uint8)
+        return canvas, f"The photo itself cannot be shown here ({type(exc).__name__}); boxes are drawn on a grey canvas."
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -163,3 +202,7 @@ def render_report(report: sup.Report, *, show_tables: bool = True, key: str = ""
     if not scalars.empty:
         with st.expander(f"Report fields ({report.path.name})"):
             st.dataframe(scalars.astype(str), hide_index=True, width="stretch")
+
+
+if __name__ == "__main__":  # opened directly as a page (see ensure_navigation): show the app instead
+    ensure_navigation()

@@ -57,6 +57,8 @@ class Stats:
                                                                          "result": [], "aggregation_switch": []})
     errors: list[str] = field(default_factory=list)
     results: int = 0
+    n_sessions: int = 1
+    upload_retries: int = 0
 
 
 def free_port() -> int:
@@ -122,6 +124,20 @@ async def wait_idle(page, timeout_ms: float) -> None:
                                  timeout=timeout_ms)
 
 
+async def upload(page, img: Path, stats: Stats, tries: int = 3) -> None:
+    """Set the file and check the uploader took it (a file set while a re-run redraws the widget can be
+    dropped by the browser; a user would simply pick it again)."""
+    for attempt in range(tries):
+        await page.locator('input[type="file"]').set_input_files(str(img))
+        try:
+            await page.locator(f'[data-testid="stFileChipName"][title="{img.name}"]').wait_for(timeout=5_000)
+            return
+        except Exception:
+            if attempt == tries - 1:
+                raise
+            stats.upload_retries += 1
+
+
 async def session(idx: int, browser, url: str, images: list[Path], deadline: float, stats: Stats,
                   timeout_s: float) -> None:
     from playwright.async_api import TimeoutError as PWTimeout
@@ -138,16 +154,23 @@ async def session(idx: int, browser, url: str, images: list[Path], deadline: flo
             stats.errors.append(f"session {idx}: the app has no model installed")
             return
         stats.latencies["page_ready"].append(time.perf_counter() - t)
-        k, first = idx, True
+        first, step = True, ""
         aggs = ["Max", "Noisy-OR", "Mean"]
-        while time.time() < deadline:
-            img = images[k % len(images)]
-            k += 4 + idx  # sessions walk the image list differently
+        for it in range(10**9):
+            if time.time() >= deadline:
+                break
+            # each session has its own photos (no cache hit across sessions) until they run out
+            img = images[(idx + stats.n_sessions * it) % len(images)]
+            k = it
             try:
+                step = "upload"
                 t = time.perf_counter()
-                await page.locator('input[type="file"]').set_input_files(str(img))
+                await upload(page, img, stats)
+                step = "result caption"
                 await page.locator('[data-testid="stImageCaption"]', has_text=img.name).first.wait_for(timeout=timeout_ms)
+                step = "triage score"
                 await page.get_by_text("Triage score").first.wait_for(timeout=timeout_ms)
+                step = "idle after result"
                 await wait_idle(page, timeout_ms)
                 stats.latencies["first_result" if first else "result"].append(time.perf_counter() - t)
                 stats.results += 1
@@ -158,14 +181,17 @@ async def session(idx: int, browser, url: str, images: list[Path], deadline: flo
                     stats.errors.append(f"session {idx}: error box for {img.name}")
                 option = page.locator(".st-key-aggregation").get_by_role("radio", name=aggs[k % 3], exact=True)
                 if await option.count() and await option.get_attribute("aria-checked") != "true":
+                    step = "aggregation switch"
                     t = time.perf_counter()
                     await option.click()
-                    await page.wait_for_function("e => e.getAttribute('aria-checked') === 'true'",
-                                                 arg=await option.element_handle(), timeout=timeout_ms)
+                    await page.get_by_text(f"Score by {aggs[k % 3]}:").wait_for(timeout=timeout_ms)
                     await wait_idle(page, timeout_ms)
                     stats.latencies["aggregation_switch"].append(time.perf_counter() - t)
             except PWTimeout as exc:
-                stats.errors.append(f"session {idx}: timeout ({str(exc).splitlines()[0][:120]})")
+                if args_shots := os.environ.get("LOAD_TEST_SHOTS"):
+                    await page.screenshot(path=f"{args_shots}/timeout_s{idx}_{img.stem}.png")
+                stats.errors.append(f"session {idx}: timeout at step '{step}' ({img.name}): "
+                                    f"{str(exc).splitlines()[0][:100]}")
                 await page.goto(url, wait_until="domcontentloaded")  # start over, as a user would
     finally:
         await ctx.close()
@@ -183,7 +209,7 @@ def percentiles(xs: list[float]) -> dict[str, float | int]:
 async def run(args: argparse.Namespace, url: str, images: list[Path]) -> tuple[Stats, float]:
     from playwright.async_api import async_playwright
 
-    stats = Stats()
+    stats = Stats(n_sessions=args.sessions)
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS, headless=True)
         t0 = time.perf_counter()
@@ -209,7 +235,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=120.0, help="per-step timeout in seconds")
     ap.add_argument("--url", help="an already running app (loopback); default: start `streamlit run app.py`")
     ap.add_argument("--image", type=Path, help="photo to upload (re-encoded per upload); default: synthetic scenes")
-    ap.add_argument("--images", type=int, default=40, help="distinct photos to cycle through")
+    ap.add_argument("--images", type=int, default=60, help="distinct photos to cycle through")
     ap.add_argument("--stand-in", action="store_true", help="serve the app with the tests' stand-in pipeline")
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     ap.add_argument("--out", type=Path, help="write the report as JSON here")
@@ -245,11 +271,12 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "sessions": args.sessions, "duration_s": args.duration, "wall_s": round(wall, 1),
         "results": stats.results, "results_per_min": round(stats.results / max(wall, 1e-9) * 60, 2),
-        "errors": len(stats.errors), "error_examples": stats.errors[:20],
+        "errors": len(stats.errors), "error_examples": stats.errors[:20], "upload_retries": stats.upload_retries,
         "latency": [{"step": k, **percentiles(v)} for k, v in stats.latencies.items()],
     }
     print(f"\n{args.sessions} sessions x {args.duration:.0f} s on {url} ({report['pipeline']}): "
-          f"{stats.results} results ({report['results_per_min']}/min), {len(stats.errors)} errors")
+          f"{stats.results} results ({report['results_per_min']}/min), {len(stats.errors)} errors, "
+          f"{stats.upload_retries} upload retries")
     print(f"{'step':<20}{'n':>5}{'p50 s':>9}{'p90 s':>9}{'p95 s':>9}{'p99 s':>9}{'max s':>9}")
     for row in report["latency"]:
         if row["n"]:

@@ -77,6 +77,11 @@ class FakePipeline:
         self.predict_calls += 1
         rgb = self._decode(image, name)
         gray = rgb.mean(axis=2)
+        if whole_image:
+            score = float(1 - gray.mean() / 255)
+            return TriageResult(name or "image", rgb.shape[1], rgb.shape[0], [], aggregate, score,
+                                Tier("refer" if score >= 0.3 else "routine", f"Whole image score {score:.2f}.", None),
+                                None, {"decode": 1.0, "classify": 2.0}, "whole_image", "test")
         mask = (gray < gray.mean() - 40).astype(np.uint8)
         n, _, stats, _ = cv2.connectedComponentsWithStats(mask)
         lesions = []
@@ -96,6 +101,8 @@ class FakePipeline:
                             "two_stage", "test")
 
     def reaggregate(self, result, aggregate):
+        if result.mode == "whole_image":
+            return replace(result, aggregate=aggregate)
         score = _aggregate([l.p_malignant for l in result.lesions], aggregate)
         return replace(result, aggregate=aggregate, image_score=score, tier=self._tier(result.lesions, score))
 
@@ -242,8 +249,10 @@ def test_upload_shows_score_tier_lesions_and_aggregation_reuses_the_result(fake)
     assert table["crop"].str.startswith("data:image/png;base64,").all()
     assert fake.predict_calls == 1
 
+    assert "Score by Mean: the mean of 3 lesion probabilities." in text
     at.button_group(key="aggregation").set_value("max").run()
     assert not at.exception
+    assert "Score by Max: the maximum of 3 lesion probabilities." in texts(at)
     score = next(m for m in at.metric if m.label == "Triage score")
     assert float(score.value) == pytest.approx(max(l.p_malignant for l in expected.lesions), abs=0.006)
     at.button_group(key="aggregation").set_value("noisy_or").run()
@@ -260,6 +269,16 @@ def test_bad_upload_shows_error_and_the_app_keeps_working(fake):
     at = upload(at, scene_jpeg(), "good.jpg")
     assert not at.exception and not at.error
     assert "3 lesions found" in texts(at)
+
+
+def test_photo_the_display_cannot_decode_still_shows_results(fake, monkeypatch):
+    def cannot(data, max_side=1600):
+        raise OSError("codec missing")
+
+    monkeypatch.setattr(sup, "decode_for_display", cannot)
+    at = upload(app_test().run(), scene_jpeg(), "odd.jpg")
+    assert not at.exception
+    assert "cannot be shown here" in texts(at) and "3 lesions found" in texts(at)
 
 
 def test_no_lesion_is_an_explicit_outcome_with_advice(fake):
@@ -288,6 +307,23 @@ def test_selecting_a_lesion_and_gradcam_on_request(fake):
     assert any(c.startswith(f"Grad-CAM, lesion #{int(other) + 1}") for c in image_captions(at))
 
 
+def test_whole_image_mode_when_its_model_is_installed(fake):
+    at = upload(app_test().run(), scene_jpeg(), "scene.jpg")
+    assert at.toggle(key="whole_image").disabled  # no image_classifier in the stand-in's metadata
+    fake.metadata["models"]["image_classifier"] = {"sha256": "fake-image-classifier"}
+    import streamlit as st
+
+    st.cache_data.clear()
+    at.run()
+    assert not at.toggle(key="whole_image").disabled
+    at.toggle(key="whole_image").set_value(True).run()
+    assert not at.exception
+    text = texts(at)
+    assert "Whole-image mode" in text and "No lesion found" not in text
+    assert not [d for d in at.dataframe if "p_malignant" in d.value.columns]
+    assert not at.get("button_group")  # aggregation does not apply
+
+
 def test_synthetic_example_is_labelled_and_analysed(fake):
     at = app_test().run()
     ex = at.selectbox(key="example")
@@ -304,6 +340,50 @@ def test_downloads_are_offered(fake):
     at = upload(app_test().run(), scene_jpeg(), "My Photo 1.jpg")
     labels = [b.proto.label for b in at.get("download_button")]
     assert labels == ["JSON", "CSV", "PNG"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the real TriagePipeline with an untrained classifier (no detector): the contract, end to end
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def untrained_models(tmp_path, monkeypatch):
+    """A models/ folder with a randomly initialised classifier and no detector: the real pipeline
+    then treats the whole photo as one lesion. Scores are meaningless; the wiring is what is tested."""
+    torch = pytest.importorskip("torch")
+    try:
+        from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier
+        from lesiontriage.weights import save_weights, write_metadata
+    except ImportError as exc:
+        pytest.skip(f"pipeline modules not importable yet: {exc}")
+    torch.manual_seed(0)
+    d = tmp_path / "untrained_models"
+    cfg = ClassifierConfig(input_size=96)
+    sha = save_weights(LesionClassifier(cfg, pretrained=False).state_dict(), d / "classifier.safetensors")
+    write_metadata(d, {"models": {"classifier": {"file": "classifier.safetensors", "sha256": sha,
+                                                 "config": cfg.to_dict(), "temperature": 1.0}},
+                       "package_version": "untrained-test"})
+    monkeypatch.setenv("LESIONTRIAGE_MODELS", str(d))
+    return d
+
+
+def test_real_pipeline_untrained_weights_full_page(untrained_models):
+    at = app_test()
+    at.default_timeout = 120
+    at = upload(at.run(), scene_jpeg(size=(400, 300)), "scene.jpg")
+    assert not at.exception, at.exception
+    text = texts(at)
+    assert "Triage score" in text and "1 lesion found" in text and "Tier:" in text
+    table = next(d.value for d in at.dataframe if "p_malignant" in d.value.columns)
+    assert len(table) == 1 and table["crop"].iloc[0].startswith("data:image/png;base64,")
+    at.button_group(key="aggregation").set_value("noisy_or").run()
+    assert not at.exception and "Score by Noisy-OR" in texts(at)
+    n_images = len(at.image)
+    next(b for b in at.button if b.label == "Show Grad-CAM").click().run()
+    assert not at.exception and not at.error
+    assert len(at.image) == n_images + 1
+    at = upload(at, b"%PDF-1.4 not a photo", "report.jpg")
+    assert not at.exception and at.error and "report.jpg" in at.error[0].value
 
 
 # ------------------------------------------------------------------------------------------------
@@ -417,6 +497,20 @@ def test_decode_for_display_handles_odd_modes():
         out = sup.decode_for_display(buf.getvalue())
         assert out.shape == (64, 64, 3) and out.dtype == np.uint8, mode
     assert sup.decode_for_display(buf.getvalue(), max_side=32).shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "WEBP", "TIFF"])
+def test_decode_for_display_reads_phone_and_other_formats(fmt):
+    if fmt == "HEIF":
+        pillow_heif = pytest.importorskip("pillow_heif")
+        pillow_heif.register_heif_opener()
+    arr = np.zeros((120, 160, 3), np.uint8)
+    arr[:, :80] = (200, 150, 120)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt)
+    out = sup.decode_for_display(buf.getvalue())
+    assert out.shape == (120, 160, 3)
+    assert abs(int(out[60, 20, 0]) - 200) < 20 and int(out[60, 140].max()) < 20
 
 
 def test_csv_rows_sorted_by_probability_and_no_lesion_row():

@@ -25,7 +25,9 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -56,7 +58,6 @@ def _skip_reason() -> str | None:
 if (_reason := _skip_reason()) is not None:
     pytest.skip(_reason, allow_module_level=True)
 
-from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
 
@@ -82,10 +83,11 @@ runpy.run_path({app!r}, run_name="__main__")
 class Server:
     """`streamlit run` as a subprocess on 127.0.0.1; stopped (by its own pid) on exit."""
 
-    def __init__(self, script: Path, cwd: Path, env: dict[str, str]):
+    def __init__(self, script: Path, cwd: Path, env: dict[str, str], name: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = ARTIFACTS / f"streamlit_{script.parent.name}_{self.port}.log"
+        ARTIFACTS.mkdir(exist_ok=True)
+        self.log = ARTIFACTS / f"e2e_streamlit_{name}.log"
         cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(self.port),
                "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"]
         self._log_fh = open(self.log, "w")
@@ -112,6 +114,55 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self._log_fh.close()
+
+
+def _hex_ip(h: str) -> str:
+    """/proc/net/tcp address (little-endian hex per 32-bit word) -> dotted / colon notation."""
+    raw = bytes.fromhex(h)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return socket.inet_ntop(socket.AF_INET if len(words) == 4 else socket.AF_INET6, words)
+
+
+def remote_peers(pid: int) -> set[str]:
+    """Remote IPs of every connected TCP socket the process holds (Linux /proc; empty elsewhere)."""
+    try:
+        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")
+                  if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")}
+    except OSError:
+        return set()
+    peers = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if cols[9] in inodes and cols[3] != "0A":  # 0A = LISTEN
+                peers.add(_hex_ip(cols[2].split(":")[0]))
+    return peers
+
+
+def is_loopback(ip: str) -> bool:
+    return ip.startswith("127.") or ip in ("::1", "::ffff:127.0.0.1", "0.0.0.0", "::") or ip.startswith("::ffff:127.")
+
+
+class PeerWatch(threading.Thread):
+    """Samples the server's TCP peers every 100 ms while the browser drives it."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peers, self._stop_evt = pid, set(), threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_evt.is_set():
+            self.peers |= remote_peers(self.pid)
+            self._stop_evt.wait(0.1)
+
+    def stop(self) -> set[str]:
+        self._stop_evt.set()
+        self.join(5)
+        return self.peers
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -168,6 +219,10 @@ def run_flow(browser, server: Server, scene: Path, tmp_path: Path, variant: str,
     page = ctx.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    requested: set[str] = set()
+    page.on("request", lambda r: requested.add(urllib.parse.urlsplit(r.url).netloc or urllib.parse.urlsplit(r.url).scheme))
+    watch = PeerWatch(server.proc.pid)
+    watch.start()
     try:
         t0 = time.perf_counter()
         page.goto(server.url, wait_until="domcontentloaded")
@@ -188,23 +243,29 @@ def run_flow(browser, server: Server, scene: Path, tmp_path: Path, variant: str,
         first_score = score_text(page)
         assert re.fullmatch(r"\d\.\d\d", first_score), first_score
 
-        # 2. aggregation switch: no model re-run
+        # 2. clicking a row of the lesion table highlights that lesion (caption of the boxed photo)
+        caption = page.locator('[data-testid="stImageCaption"]').first
+        m = re.search(r"(\d+) lesions? found.*lesion #(\d+) highlighted", caption.inner_text())
+        if m and int(m.group(1)) >= 2:
+            grid = page.locator('[class*="st-key-lesion_table_"] .stDataFrame').first
+            grid.scroll_into_view_if_needed()
+            bb = grid.bounding_box()
+            page.mouse.click(bb["x"] + 15, bb["y"] + 35 + 64 * 1.5)  # row-select cell of the 2nd row
+            expect(caption).not_to_contain_text(f"lesion #{m.group(2)} highlighted", timeout=30_000)
+            wait_idle(page)
+            page.screenshot(path=str(ARTIFACTS / f"e2e_{variant}_row_selected.png"))
+
+        # 3. aggregation switch: no model re-run
         target = "Max"
         option = page.locator(".st-key-aggregation").get_by_role("radio", name=target, exact=True)
         t1 = time.perf_counter()
         option.click()
         expect(option).to_have_attribute("aria-checked", "true")
-        try:  # the score changes when the lesions' probabilities differ (time to the new number on screen)
-            page.wait_for_function(
-                """old => { const m = [...document.querySelectorAll('[data-testid="stMetric"]')]
-                              .find(e => e.innerText.includes('Triage score'));
-                            return m && !m.innerText.includes(old); }""", arg=first_score, timeout=5_000)
-        except PlaywrightTimeout:  # same value under both aggregations (e.g. one lesion): wait for the run
-            pass
+        expect(page.get_by_text(f"Score by {target}:")).to_be_visible(timeout=30_000)  # the re-run has landed
         timings["aggregation_switch_s"] = round(time.perf_counter() - t1, 3)
         wait_idle(page)
 
-        # 3. CSV download reflects the chosen aggregation
+        # 4. CSV download reflects the chosen aggregation
         with page.expect_download() as dl_info:
             page.get_by_role("button", name="CSV", exact=True).click()
         dl = dl_info.value
@@ -215,7 +276,7 @@ def run_flow(browser, server: Server, scene: Path, tmp_path: Path, variant: str,
         assert {"image_score", "tier", "p_malignant", "detector_score"} <= set(rows[0])
         assert float(rows[0]["image_score"]) == pytest.approx(float(score_text(page)), abs=0.006)
 
-        # 4. a broken upload: an error with the reason, and the app keeps working
+        # 5. a broken upload: an error with the reason, and the app keeps working
         bad = tmp_path / "broken.jpg"
         bad.write_bytes(b"not an image at all")
         page.locator('input[type="file"]').set_input_files(str(bad))
@@ -223,7 +284,7 @@ def run_flow(browser, server: Server, scene: Path, tmp_path: Path, variant: str,
         expect(page.get_by_text("Triage score")).to_have_count(0)
         page.screenshot(path=str(ARTIFACTS / f"e2e_{variant}_bad_upload.png"))
 
-        # 5. cached re-run: the same image again in a fresh session (the result cache is per process)
+        # 6. cached re-run: the same image again in a fresh session (the result cache is per process)
         page.reload(wait_until="domcontentloaded")
         expect(page.get_by_text("Skin-lesion triage", exact=True)).to_be_visible(timeout=30_000)
         wait_idle(page)
@@ -234,7 +295,7 @@ def run_flow(browser, server: Server, scene: Path, tmp_path: Path, variant: str,
         timings["cached_rerun_s"] = round(time.perf_counter() - t2, 3)
         assert score_text(page) == first_score  # default aggregation again, same cached result
 
-        # 6. the other pages render without an exception block
+        # 7. the other pages render without an exception block
         for name in ("Evaluation", "Clinical & management", "Speed & reliability", "Model card"):
             page.get_by_role("link", name=name).click()
             expect(page.get_by_role("heading", name=name.split(" &")[0], exact=False).first).to_be_visible(timeout=30_000)
@@ -242,7 +303,14 @@ def run_flow(browser, server: Server, scene: Path, tmp_path: Path, variant: str,
             assert page.locator('[data-testid="stException"]').count() == 0, name
         page.screenshot(path=str(ARTIFACTS / f"e2e_{variant}_model_card.png"), full_page=False)
         assert not errors, errors
+        # privacy: the page loaded nothing from elsewhere and the server talked to no one but loopback
+        outside = {h for h in requested if h not in (f"127.0.0.1:{server.port}", "data", "blob")}
+        assert not outside, f"browser requests left the app: {outside}"
+        peers = watch.stop()
+        assert all(is_loopback(ip) for ip in peers), f"server connected outside loopback: {peers}"
+        timings["server_peers"] = sorted(peers)
     finally:
+        watch.stop()
         ctx.close()
     return timings
 
@@ -265,7 +333,7 @@ def test_browser_flow_with_stand_in_pipeline(browser, scene_file, tmp_path):
                                                      app=str(REPO_ROOT / "app.py"))))
     empty = tmp_path / "no_models"
     empty.mkdir()
-    server = Server(script, site, _env(LESIONTRIAGE_MODELS=str(empty)))
+    server = Server(script, site, _env(LESIONTRIAGE_MODELS=str(empty)), "stand-in")
     try:
         timings = run_flow(browser, server, scene_file, tmp_path, "stand-in", first_timeout_s=60)
     finally:
@@ -277,7 +345,7 @@ def test_browser_flow_with_stand_in_pipeline(browser, scene_file, tmp_path):
 @pytest.mark.skipif(not sup.model_installed(MODELS_DIR),
                     reason="no trained model in models/ yet (models/metadata.json lists no classifier)")
 def test_browser_flow_with_shipped_models(browser, scene_file, tmp_path):
-    server = Server(REPO_ROOT / "app.py", REPO_ROOT, _env())
+    server = Server(REPO_ROOT / "app.py", REPO_ROOT, _env(), "shipped")
     try:
         timings = run_flow(browser, server, scene_file, tmp_path, "shipped", first_timeout_s=120)
     finally:
@@ -288,11 +356,20 @@ def test_browser_flow_with_shipped_models(browser, scene_file, tmp_path):
 def test_no_model_page_in_the_browser(browser, tmp_path):
     empty = tmp_path / "no_models"
     empty.mkdir()
-    server = Server(REPO_ROOT / "app.py", REPO_ROOT, _env(LESIONTRIAGE_MODELS=str(empty)))
+    server = Server(REPO_ROOT / "app.py", REPO_ROOT, _env(LESIONTRIAGE_MODELS=str(empty)), "no-model")
     try:
         server.wait_ready()
         ctx = browser.new_context(viewport=VIEWPORT)
         page = ctx.new_page()
+        # a direct link as the server's very first request must still get app.py's navigation
+        # (Streamlit would otherwise run pages/evaluation.py alone, listing every file in pages/)
+        page.goto(server.url + "/evaluation", wait_until="domcontentloaded")
+        expect(page.get_by_role("heading", name="Evaluation").first).to_be_visible(timeout=60_000)
+        wait_idle(page)
+        nav = page.locator('[data-testid="stSidebarNav"]')
+        expect(nav).to_contain_text("Triage a photo")
+        expect(nav).not_to_contain_text("ui common")
+        expect(page.get_by_text("No report yet").first).to_be_visible()
         page.goto(server.url, wait_until="domcontentloaded")
         expect(page.get_by_text("No model installed yet", exact=True)).to_be_visible(timeout=60_000)
         expect(page.get_by_text("Intended use:")).to_be_visible()

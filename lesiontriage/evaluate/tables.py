@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -181,6 +182,8 @@ def ranking_rows(df: pd.DataFrame, groups: Sequence[Group], scores: Mapping[str,
             for metric in ("auc", "ap"):
                 if n == 0:
                     res_v, lo, hi, f = float("nan"), float("nan"), float("nan"), "empty group"
+                elif n_pos in (0, n):  # undefined: say why without asking the library (it would log a warning)
+                    res_v, lo, hi, f = float("nan"), float("nan"), float("nan"), f"one class only: n_pos={n_pos}, n_neg={n - n_pos}"
                 else:
                     res = metric_ci(y, p, metric, n_boot=n_boot, seed=seed)
                     res_v, lo, hi, f = res.value, res.ci_low, res.ci_high, res.flag
@@ -208,8 +211,10 @@ def paired_rows(df: pd.DataFrame, groups: Sequence[Group], comparisons: Sequence
             y = y_all[ok].to_numpy(dtype=int)
             for metric in metrics:
                 base = {"group": name, "a": label_a, "b": label_b, "metric": metric}
-                if len(y) == 0:
-                    rows.append({**base, "n": 0, "n_pos": 0, "flag": "empty group"})
+                if len(y) == 0 or y.min() == y.max() or n_boot <= 0:
+                    why = "empty group" if len(y) == 0 else ("no bootstrap replicates requested" if n_boot <= 0 else
+                                                             f"one class only: n_pos={int(y.sum())}, n_neg={int(len(y) - y.sum())}")
+                    rows.append({**base, "n": int(len(y)), "n_pos": int(y.sum()), "flag": why})
                     continue
                 t = paired_bootstrap_test(y, pa_all[ok].to_numpy(float), pb_all[ok].to_numpy(float), metric,
                                           n_boot=n_boot, seed=seed)
@@ -458,10 +463,20 @@ def error_rows(df: pd.DataFrame, groups: Sequence[Group], score: str, col: str, 
 # item 2: detection
 # =====================================================================================================
 
+def kept_detections(boxes: np.ndarray, scores: np.ndarray, score_threshold: float,
+                    max_kept: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """What the pipeline keeps: score >= threshold, best first, at most ``max_kept``."""
+    order = np.argsort(-scores, kind="stable")
+    order = order[scores[order] >= score_threshold][:max_kept]
+    return boxes[order], scores[order]
+
+
 def detection_metrics(gt: Sequence[np.ndarray], raw_boxes: Sequence[np.ndarray], raw_scores: Sequence[np.ndarray],
-                      score_threshold: float, n_boot: int = 0, seed: int = 0, max_dets: int = 100) -> dict[str, Any]:
+                      score_threshold: float, n_boot: int = 0, seed: int = 0, max_dets: int = 100,
+                      max_kept: int | None = None) -> dict[str, Any]:
     """COCO mAP (all raw detections), recall at IoU > 0 and >= 0.5 and IoU median / IQR (detections
-    kept at the pipeline's score threshold) over one split's images.
+    the pipeline keeps: score >= ``score_threshold``, at most ``max_kept`` per image) over one
+    split's images.
 
     ``n_boot`` > 0 adds a percentile CI for mAP@0.5 and mAP@[.5:.95] by resampling images (each
     replicate is a pycocotools run, so keep it small)."""
@@ -469,10 +484,12 @@ def detection_metrics(gt: Sequence[np.ndarray], raw_boxes: Sequence[np.ndarray],
     raw_boxes = [np.asarray(b, dtype=float).reshape(-1, 4) for b in raw_boxes]
     raw_scores = [np.asarray(s, dtype=float).reshape(-1) for s in raw_scores]
     m = coco_map(gt, raw_boxes, raw_scores, max_dets=max_dets)
-    r0 = recall_at_iou(gt, raw_boxes, raw_scores, iou_thr=0.0, score_thr=score_threshold)
-    r50 = recall_at_iou(gt, raw_boxes, raw_scores, iou_thr=0.5, score_thr=score_threshold, one_to_one=True)
-    ious = iou_summary(best_iou_per_gt(gt, raw_boxes, raw_scores, score_thr=score_threshold))
-    kept = [int((s >= score_threshold).sum()) for s in raw_scores]
+    kept_pairs = [kept_detections(b, s, score_threshold, max_kept) for b, s in zip(raw_boxes, raw_scores)]
+    kb, ks = [k[0] for k in kept_pairs], [k[1] for k in kept_pairs]
+    r0 = recall_at_iou(gt, kb, ks, iou_thr=0.0)
+    r50 = recall_at_iou(gt, kb, ks, iou_thr=0.5, one_to_one=True)
+    ious = iou_summary(best_iou_per_gt(gt, kb, ks))
+    kept = [len(s) for s in ks]
     out: dict[str, Any] = {
         "n_images": len(gt), "n_gt": int(sum(len(g) for g in gt)),
         "map50": {"value": m["map50"], "n": m["n_gt"]},
@@ -484,6 +501,7 @@ def detection_metrics(gt: Sequence[np.ndarray], raw_boxes: Sequence[np.ndarray],
                          "n_found": r50.n_found, "one_to_one": True},
         "iou": ious,
         "score_threshold": score_threshold,
+        "max_kept_per_image": max_kept,
         "detections_per_image_kept": {"mean": float(np.mean(kept)) if kept else float("nan"),
                                       "median": float(np.median(kept)) if kept else float("nan"),
                                       "images_with_none": int(sum(1 for k in kept if k == 0))},
@@ -546,3 +564,355 @@ def specificity_at_sensitivity(df: pd.DataFrame, mask: pd.Series, col: str, targ
     return metric_object(op.specificity, lo, hi, int(len(y)), split, threshold=thr,
                          achieved_sensitivity=op.sensitivity,
                          note="threshold read off this test split's ROC (descriptive); CI conditional on it")
+
+
+# =====================================================================================================
+# report sections (one JSON file each); inputs are the prediction tables + a ReportContext
+# =====================================================================================================
+
+SPLIT_ORDER: tuple[str, ...] = (
+    "isic2018_test", "derm7pt_test_clinical", "derm7pt_test_dermoscopy", "pad_ufes20_test", "sd198_test",
+    "scenes_test", "moles_test", "ham10000_val_boxes",
+)
+DETECTION_ONLY_SPLITS: frozenset[str] = frozenset({"moles_test", "ham10000_val_boxes"})
+C2_MISSING = ("not available: detector_c2 not trained (models/detector_c2.safetensors absent; the seed's C=2 "
+              "malignant/benign detector was not trained within this project's CPU budget)")
+
+
+@dataclass
+class ReportContext:
+    """What the section builders need besides the tables: which models exist (``status[key]`` is
+    'ok' or 'not available: ...'), metadata.json, and the statistical settings."""
+
+    status: Mapping[str, str] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    default_aggregate: str = "mean"
+    n_boot: int = 1000
+    n_boot_paired: int = 2000
+    n_boot_map: int = 100
+    seed: int = 0
+    kept_threshold: float = 0.5
+    max_kept: int | None = 30
+
+    def ok(self, key: str) -> bool:
+        return self.status.get(key) == "ok"
+
+    def missing(self, key: str) -> dict[str, str]:
+        st = self.status.get(key)
+        return {"status": st if st and st != "ok" else f"not available: {key} not trained"}
+
+    def temperature(self, key: str) -> float:
+        return float(((self.metadata.get("models") or {}).get(key) or {}).get("temperature", 1.0))
+
+
+@dataclass
+class DetectionSet:
+    """One split's detector output against its ground truth (boxes in original pixels)."""
+
+    gt: list[np.ndarray]
+    boxes: list[np.ndarray]
+    scores: list[np.ndarray]
+    labels: list[np.ndarray] | None = None  # C=2 detector: 1 benign, 2 malignant
+    gt_malignant: list[list[int | None]] | None = None
+    description: str = ""
+    synthetic: bool = False
+
+
+def detection_section(one_class: Mapping[str, DetectionSet], c2: Mapping[str, DetectionSet], ctx: ReportContext) -> dict[str, Any]:
+    """Item 2: per split, mAP@0.5 / 0.75 / [.5:.95] (pycocotools), recall at IoU > 0 and >= 0.5 and
+    IoU median / IQR, for the one-class detector and (when trained) the C=2 detector."""
+    from lesiontriage.evaluate.detection import coco_map_classes
+
+    out: dict[str, Any] = {
+        "definition": ("mAP with pycocotools over every box the detector emits (score >= its own floor); recall and IoU "
+                       "statistics over the boxes the pipeline keeps (score >= the shipped threshold, at most max_lesions "
+                       "per image). recall_iou0: a ground-truth box counts as found when any kept box overlaps it (IoU > 0); "
+                       "recall_iou50: one-to-one greedy matching at IoU >= 0.5. IoU median / IQR: best IoU per found box."),
+        "one_class": {} if ctx.ok("detector") else ctx.missing("detector"),
+        "c2": {} if ctx.ok("detector_c2") else {"status": C2_MISSING},
+    }
+    for kind, sets, n_boot in (("one_class", one_class, ctx.n_boot_map), ("c2", c2, 0)):
+        if not isinstance(out[kind], dict) or "status" in out[kind]:
+            continue
+        for split in [s for s in SPLIT_ORDER if s in sets] + [s for s in sets if s not in SPLIT_ORDER]:
+            d = sets[split]
+            if not d.gt:
+                continue
+            m = detection_metrics(d.gt, d.boxes, d.scores, ctx.kept_threshold, n_boot=n_boot, seed=ctx.seed,
+                                  max_kept=ctx.max_kept)
+            m["description"], m["synthetic"] = d.description, d.synthetic
+            if kind == "c2" and d.labels is not None and d.gt_malignant is not None \
+                    and all(v is not None for g in d.gt_malignant for v in g):
+                gl = [[2 if v == 1 else 1 for v in g] for g in d.gt_malignant]
+                m["class_aware"] = coco_map_classes(d.gt, gl, d.boxes, d.scores, d.labels, num_classes=2)
+            out[kind][split] = m
+    return out
+
+
+def no_lesion_counts(images: pd.DataFrame) -> dict[str, Any]:
+    """Per split: labelled photos in which the pipeline kept no lesion (their two-stage score is 0)."""
+    out: dict[str, Any] = {}
+    if images.empty or "no_lesion_detected" not in images.columns:
+        return out
+    labelled = images[_labels(images).notna()]
+    for split, g in labelled.groupby("split", sort=False):
+        nl = g["no_lesion_detected"].astype("boolean")
+        if nl.notna().any():
+            flag = nl.fillna(False).astype(bool)
+            y = _labels(g)
+            out[str(split)] = {"n_images": int(nl.notna().sum()), "n_no_lesion": int(flag.sum()),
+                               "share": float(flag[nl.notna()].mean()),
+                               "n_malignant_with_no_lesion": int((flag & (y == 1)).sum())}
+    return out
+
+
+def _curve_groups(groups: Sequence[Group]) -> list[Group]:
+    return [g for g in groups if g[0].startswith("split=") or g[0] == "all_real_test"]
+
+
+def lesion_level_section(lesions: pd.DataFrame, images: pd.DataFrame, ctx: ReportContext) -> dict[str, Any]:
+    """Item 1: lesion AUC / AP with CIs from ground-truth crops and from the detected path, by stratum."""
+    if lesions.empty:
+        return ctx.missing("classifier") if not ctx.ok("classifier") else {"status": "not available: no labelled lesions"}
+    groups = evaluation_groups(lesions, SPLIT_ORDER)
+    rows = ranking_rows(lesions, groups, LESION_SCORE_COLUMNS, n_boot=ctx.n_boot, seed=ctx.seed)
+    out: dict[str, Any] = {
+        "definition": ("Lesion malignancy (MEL / BCC / AKIEC vs other tumours). gt_box: classifier on the ground-truth crop "
+                       "(box + margin; the whole image where a set has no box, as in training). detected: the full "
+                       f"two-stage path (detector -> crops -> classifier -> '{ctx.default_aggregate}' aggregation) for "
+                       "single-lesion photos, the best-overlapping kept detection for scene lesions; 0 when no lesion is "
+                       "detected (counted in no_lesion_detected). detected_max_lesion: the highest-p detected lesion. "
+                       "Pooled groups count derm7pt's clinical and dermoscopy photos of one lesion as two rows."),
+        "metrics": rows,
+        "paired_gt_vs_detected": paired_rows(lesions, groups, [("gt_box", "p_gt", "detected", "p_detected")],
+                                             n_boot=ctx.n_boot_paired, seed=ctx.seed),
+        "no_lesion_detected": no_lesion_counts(images),
+        "curves": curves_for(lesions, _curve_groups(groups), {"gt_box": "p_gt", "detected": "p_detected"}, rows),
+    }
+    if not ctx.ok("detector"):
+        out["detected_status"] = ctx.missing("detector")["status"]
+    return out
+
+
+def strategy_status(ctx: ReportContext) -> dict[str, str]:
+    """'ok' or the not-available reason for every image-level strategy x aggregation."""
+    two = "ok" if ctx.ok("detector") and ctx.ok("classifier") else \
+        (ctx.missing("classifier") if not ctx.ok("classifier") else ctx.missing("detector"))
+    return {
+        "direct.whole": "ok" if ctx.ok("image_classifier") else ctx.missing("image_classifier")["status"],
+        **{f"two_stage.{a}": two if two == "ok" else two["status"] for a in AGGREGATIONS},
+        **{f"one_step_c2.{a}": "ok" if ctx.ok("detector_c2") else C2_MISSING for a in AGGREGATIONS},
+    }
+
+
+def image_level_section(images: pd.DataFrame, ctx: ReportContext) -> dict[str, Any]:
+    """Items 3: strategies x aggregations, AUC / AP with CIs by stratum, paired bootstrap tests."""
+    status = strategy_status(ctx)
+    img = images[~images["split"].isin(DETECTION_ONLY_SPLITS)] if not images.empty else images
+    if img.empty:
+        return {"status": "not available: no labelled images", "strategies": status}
+    groups = evaluation_groups(img, SPLIT_ORDER)
+    rows = ranking_rows(img, groups, IMAGE_SCORE_COLUMNS, n_boot=ctx.n_boot, seed=ctx.seed)
+    ref = "two_stage.mean"
+    comps = [(lab, IMAGE_SCORE_COLUMNS[lab], ref, IMAGE_SCORE_COLUMNS[ref])
+             for lab in ("two_stage.max", "two_stage.noisy_or", "direct.whole", "one_step_c2.max")]
+    comps.append(("two_stage.max", IMAGE_SCORE_COLUMNS["two_stage.max"], "direct.whole", IMAGE_SCORE_COLUMNS["direct.whole"]))
+    plot = {k: v for k, v in IMAGE_SCORE_COLUMNS.items() if not k.startswith("one_step") or status[k] == "ok"}
+    return {
+        "definition": ("Image-level malignancy: direct = whole-image classifier; two_stage = one-class detector + lesion "
+                       "classifier, image score aggregated over the kept lesions by mean / max / noisy-OR (1 - prod(1 - p_i)), "
+                       "0 when no lesion is found; one_step_c2 = a C=2 malignant/benign detector (malignant box scores "
+                       "aggregated). Scenes: malignant = any malignant lesion in the scene. Paired tests: class-stratified "
+                       "paired bootstrap of a - b on the same images (two-sided p-value)."),
+        "strategies": status,
+        "metrics": rows,
+        "paired_tests": paired_rows(img, groups, comps, n_boot=ctx.n_boot_paired, seed=ctx.seed),
+        "curves": curves_for(img, _curve_groups(groups), plot, rows),
+    }
+
+
+def calibration_report(lesions: pd.DataFrame, images: pd.DataFrame, ctx: ReportContext) -> dict[str, Any]:
+    """Item 4: reliability bins + ECE before / after the shipped temperature (lesion GT crops, and
+    the direct whole-image classifier per split)."""
+    if lesions.empty:
+        return ctx.missing("classifier") if not ctx.ok("classifier") else {"status": "not available: no labelled lesions"}
+    groups = evaluation_groups(lesions, SPLIT_ORDER, include_source=False)
+    out = calibration_section(lesions, groups, ctx.temperature("classifier"), n_boot=300, seed=ctx.seed)
+    if has_scores(images, "logit_direct_whole"):
+        img_groups = [g for g in evaluation_groups(images, SPLIT_ORDER, include_source=False, include_modality=False)
+                      if g[0].startswith("split=")]
+        out["direct_whole_image"] = calibration_section(images, img_groups, ctx.temperature("image_classifier"),
+                                                        logit_col="logit_direct_whole", p_col="score_direct_whole",
+                                                        n_boot=200, seed=ctx.seed)
+    else:
+        out["direct_whole_image"] = ctx.missing("image_classifier")
+    return out
+
+
+def operating_points_report(images: pd.DataFrame, ctx: ReportContext) -> dict[str, Any]:
+    """Item 5: sensitivity / specificity / PPV / NPV at the shipped and at fixed-sensitivity thresholds."""
+    thresholds = shipped_thresholds(ctx.metadata)
+    if images.empty or not any(has_scores(images, c) for c in IMAGE_SCORE_COLUMNS.values()):
+        return ctx.missing("classifier") if not ctx.ok("classifier") else {"status": "not available: no image scores"}
+    groups = [g for g in evaluation_groups(images, SPLIT_ORDER)
+              if g[0] == "all_real_test" or g[0].startswith(("split=", "modality="))]
+    triage = ctx.metadata.get("triage") or {}
+    return {
+        "definition": ("Rule: score >= threshold means 'refer' (positive). shipped_refer / shipped_urgent: the thresholds in "
+                       "models/metadata.json, chosen on validation (never test). sensitivity_90 / sensitivity_95: the "
+                       "threshold reaching that sensitivity on this test group (read off its ROC: describes the curve, not a "
+                       "deployable threshold). CIs: Wilson 95%. ppv_at_Xpct / npv_at_Xpct: Bayes' rule at prevalence X%."),
+        "primary_care_prevalence": PRIMARY_CARE_PREVALENCE,
+        "prevalence_grid": list(PREVALENCE_GRID),
+        "prevalence_justification": PREVALENCE_JUSTIFICATION,
+        "shipped_thresholds": thresholds or {"status": "not available: metadata.json has no 'triage' thresholds "
+                                                       "(run `lesiontriage train tiers`)"},
+        "thresholds_chosen_on": {m: (triage.get(m) or {}).get("chosen_on") for m in triage},
+        "rows": operating_point_rows(images, groups, thresholds, PREVALENCE_GRID),
+    }
+
+
+def fitzpatrick_note(rho: float | None, n: int) -> str:
+    """Plain-language reading of the ITA vs Fitzpatrick agreement, written from the measured value."""
+    head = "Agreement of the ITA estimate with PAD-UFES-20's recorded Fitzpatrick types, as measured: "
+    if rho is None or not math.isfinite(rho):
+        return head + f"undefined on these {n} photos (too few rows with both an ITA estimate and a recorded type)."
+    strength = "near zero" if abs(rho) < 0.2 else "weak" if abs(rho) < 0.4 else "moderate" if abs(rho) < 0.6 else "strong"
+    sign = ("in the expected direction (higher ITA = lighter = lower type)" if rho < 0 else
+            "in the unexpected direction (higher ITA with higher types)")
+    text = head + f"Spearman rho {rho:.2f} over {n} photos ({strength}, {sign}). "
+    if abs(rho) < 0.4 or rho > 0:
+        text += ("The estimate does not recover the recorded types here: they are reported sun reactions, the phone photos "
+                 "have uncontrolled white balance and exposure, and types IV-VI are nearly absent (27 + 3 + 1 photos in the "
+                 "whole set). Read the ITA groups as a rough measured-colour proxy, not as skin type.")
+    else:
+        text += "The ITA groups track the recorded types only approximately; small groups are flagged."
+    return text
+
+
+def skin_tone_report(lesions: pd.DataFrame, images: pd.DataFrame, ita_extra: pd.DataFrame, ctx: ReportContext) -> dict[str, Any]:
+    """Item 6: ITA distribution per split, metrics per ITA category (small groups flagged) and the
+    agreement of ITA with PAD-UFES-20's recorded Fitzpatrick types (test split, and every PAD row)."""
+    from lesiontriage.skintone import ITA_CATEGORIES, agreement_with_fitzpatrick
+
+    groups = evaluation_groups(lesions, SPLIT_ORDER, include_source=False) if not lesions.empty else []
+    scores = {k: v for k, v in LESION_SCORE_COLUMNS.items() if k != "detected_max_lesion"}
+    rows = skin_tone_rows(lesions, groups, scores, n_boot=ctx.n_boot, seed=ctx.seed) if not lesions.empty else []
+    pad_test = images[images["split"] == "pad_ufes20_test"] if not images.empty else images
+    agreement: dict[str, Any] = {}
+    for name, df in (("pad_ufes20_test", pad_test), ("pad_ufes20_all", pd.concat([pad_test, ita_extra], ignore_index=True))):
+        if df.empty or "fitzpatrick" not in df.columns or "ita" not in df.columns:
+            continue
+        reliable = _flag_bool(df["ita_ok"]) if "ita_ok" in df.columns else pd.Series(True, index=df.index)
+        for which, sub in (("all_estimates", df), ("reliable_estimates_only", df[reliable])):
+            agreement.setdefault(name, {})[which] = agreement_with_fitzpatrick(
+                pd.to_numeric(sub["ita"], errors="coerce").to_numpy(float),
+                [None if pd.isna(v) else int(v) for v in sub["fitzpatrick"]])
+    main = (agreement.get("pad_ufes20_all") or {}).get("all_estimates") or {}
+    return {
+        "definition": ("Individual Typology Angle (ITA = atan((L* - 50) / b*), degrees) of the skin around the lesion box (a "
+                       "border ring where there is no box), median over skin-like pixels; categories: "
+                       + ", ".join(f"{n} > {lo:g}" for n, lo in ITA_CATEGORIES[:-1]) + ", dark <= -30. Estimates with too "
+                       "few skin pixels or a colour cast (median b* <= 1, common in dermoscopy) are 'unreliable' and form "
+                       "their own row. small = fewer than 30 lesions or fewer than 10 of either class: do not read much "
+                       "into those rows."),
+        "distribution": ita_distribution(images) if not images.empty else [],
+        "metrics_by_ita": rows,
+        "fitzpatrick_agreement": agreement,
+        "fitzpatrick_note": fitzpatrick_note(main.get("spearman_rho"), int(main.get("n") or 0)),
+    }
+
+
+def error_report(lesions: pd.DataFrame, ctx: ReportContext, k: int = 10) -> dict[str, Any]:
+    """Item 8: worst false negatives / false positives per stratum (ids and scores only)."""
+    if lesions.empty:
+        return ctx.missing("classifier") if not ctx.ok("classifier") else {"status": "not available: no labelled lesions"}
+    groups = [g for g in evaluation_groups(lesions, SPLIT_ORDER)
+              if g[0] == "all_real_test" or g[0].startswith(("split=", "modality="))]
+    col, label = ("p_detected", "detected") if has_scores(lesions, "p_detected") else ("p_gt", "gt_box")
+    return {
+        "definition": (f"Per group, the {k} malignant lesions with the lowest score (worst false negatives) and the {k} benign "
+                       f"lesions with the highest score (worst false positives); score = '{label}'. Ids only: no images "
+                       "are committed."),
+        "score": label,
+        "groups": error_rows(lesions, groups, label, col, k=k, extra=("p_gt", "p_detected", "top_subtype", "detected")),
+    }
+
+
+def split_summary(images: pd.DataFrame, descriptions: Mapping[str, str]) -> dict[str, Any]:
+    """Counts per evaluated split (images, labelled, malignant, decode errors, boxes)."""
+    out: dict[str, Any] = {}
+    if images.empty:
+        return out
+    present = list(dict.fromkeys(images["split"].astype(str)))
+    for split in [s for s in SPLIT_ORDER if s in present] + [s for s in present if s not in SPLIT_ORDER]:
+        sub = images[images["split"] == split]
+        y = _labels(sub)
+        out[split] = {"description": descriptions.get(split, ""), "n_images": int(len(sub)),
+                      "n_labelled": int(y.notna().sum()), "n_malignant": int((y == 1).sum()),
+                      "n_errors": int((sub["status"] != "ok").sum()) if "status" in sub.columns else 0,
+                      "n_gt_boxes": int(sub["n_gt"].sum()) if "n_gt" in sub.columns else 0,
+                      "synthetic": bool(_flag_bool(sub["synthetic"]).any()) if "synthetic" in sub.columns else False}
+    return out
+
+
+def headline(sections: Mapping[str, Any], images: pd.DataFrame, ctx: ReportContext,
+             prov: Mapping[str, Any]) -> dict[str, Any]:
+    """summary.json (item 10): the named numbers, each {value, ci_low, ci_high, n, split} (+ status
+    when not available)."""
+    from lesiontriage.results import INTENDED_USE
+
+    les_rows = (sections.get("lesion_level") or {}).get("metrics", [])
+    img_rows = (sections.get("image_level") or {}).get("metrics", [])
+    det = (sections.get("detection") or {}).get("one_class", {})
+    det_missing = None if ctx.ok("detector") else ctx.missing("detector")
+    cls_missing = None if ctx.ok("classifier") else ctx.missing("classifier")
+
+    def les(split: str, score: str, metric: str, label: str) -> dict[str, Any]:
+        if cls_missing:
+            return metric_object(None, split=label, **cls_missing)
+        if score == "detected" and det_missing:
+            return metric_object(None, split=label, **det_missing)
+        return from_ranking(les_rows, f"split={split}", score, metric, label)
+
+    def det_metric(split: str, key: str) -> dict[str, Any]:
+        if det_missing:
+            return metric_object(None, split=split, **det_missing)
+        m = (det.get(split) or {}).get(key) if isinstance(det, Mapping) else None
+        if not m:
+            return metric_object(None, split=split, status=f"not available: no {split} images evaluated")
+        return metric_object(m.get("value"), m.get("ci_low"), m.get("ci_high"), m.get("n"), split)
+
+    out: dict[str, Any] = {"provenance": dict(prov), "intended_use": INTENDED_USE}
+    out["lesion_auc"] = les("isic2018_test", "detected", "auc", "isic2018_test (detected boxes)")
+    out["lesion_ap"] = les("isic2018_test", "detected", "ap", "isic2018_test (detected boxes)")
+    out["lesion_auc_gt_boxes"] = les("isic2018_test", "gt_box", "auc", "isic2018_test (ground-truth crops)")
+    out["lesion_auc_clinical"] = les("derm7pt_test_clinical", "detected", "auc", "derm7pt_test_clinical (detected boxes)")
+    out["lesion_auc_smartphone"] = les("pad_ufes20_test", "detected", "auc", "pad_ufes20_test (detected boxes)")
+    out["lesion_auc_smartphone_biopsied"] = les("pad_ufes20_test/biopsied", "detected", "auc",
+                                                "pad_ufes20_test biopsied subset (detected boxes)")
+    out["detection_map50"] = det_metric("ham10000_val_boxes", "map50")
+    out["detection_map50_95"] = det_metric("ham10000_val_boxes", "map50_95")
+    out["detection_recall_iou0"] = det_metric("ham10000_val_boxes", "recall_iou0")
+    out["widefield_recall"] = det_metric("moles_test", "recall_iou0")
+    out["widefield_recall_synthetic"] = det_metric("scenes_test", "recall_iou0")
+    cal = ((sections.get("calibration") or {}).get("groups") or {}).get("all_real_test")
+    if cal:
+        e = cal["ece_after"]
+        out["ece"] = metric_object(e["value"], e["ci_low"], e["ci_high"], e["n"],
+                                   "all_real_test (ground-truth crops, after temperature)")
+    else:
+        out["ece"] = metric_object(None, split="all_real_test", **(cls_missing or {"status": "not available"}))
+    if cls_missing or det_missing:
+        out["specificity_at_95_sensitivity"] = metric_object(None, split="isic2018_test", **(cls_missing or det_missing))
+    else:
+        mask = images["split"] == "isic2018_test"
+        out["specificity_at_95_sensitivity"] = specificity_at_sensitivity(
+            images, mask, IMAGE_SCORE_COLUMNS[f"two_stage.{ctx.default_aggregate}"], 0.95, "isic2018_test (detected boxes)")
+    status = strategy_status(ctx)
+    for label in IMAGE_SCORE_COLUMNS:
+        if status[label] != "ok":
+            out[f"image_auc.{label}"] = metric_object(None, split="isic2018_test", status=status[label])
+        else:
+            out[f"image_auc.{label}"] = from_ranking(img_rows, "split=isic2018_test", label, "auc", "isic2018_test")
+    return out

@@ -98,8 +98,10 @@ def strata_auc(rows: pd.DataFrame, p: np.ndarray) -> dict[str, float]:
         m = (keys == k).to_numpy()
         if y[m].sum() >= 5 and (1 - y[m]).sum() >= 5:
             out[k] = float(roc_auc_score(y[m], p[m]))
-    out["macro"] = float(np.mean([v for v in out.values()])) if out else float("nan")
-    out["pooled"] = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+    pooled = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+    # Macro over strata; with no stratum large enough (tiny data), the pooled AUC stands in.
+    out["macro"] = float(np.mean(list(out.values()))) if out else pooled
+    out["pooled"] = pooled
     return out
 
 

@@ -73,8 +73,8 @@ def load_manifest_samples(manifest: pd.DataFrame, split: str, sources: list[str]
     rows = manifest[(manifest["split"] == split) & manifest["source"].isin(sources)]
     rows = rows[rows["boxes"].map(lambda b: b is not None and len(b) > 0)]
     if limit_per_source:
-        rows = rows.groupby("source", group_keys=False).apply(
-            lambda g: g.sample(min(len(g), limit_per_source), random_state=seed))
+        rows = pd.concat([g.sample(min(len(g), limit_per_source), random_state=seed)
+                          for _, g in rows.groupby("source", sort=True)])
     images = decode_all([resolve_path(p, data_root) for p in rows["path"]])
     return [DetectionSample(img, np.asarray([list(b) for b in boxes], dtype=np.float32).reshape(-1, 4), src,
                             src in CLOSE_UP_SOURCES)

@@ -38,9 +38,9 @@ class TierTargets:
 def validation_images(manifest: pd.DataFrame, targets: TierTargets) -> pd.DataFrame:
     """Labelled validation photos across sources (capped per source so HAM does not dominate)."""
     v = manifest[(manifest["split"] == "val") & manifest["malignant"].notna() & manifest["diagnosis"].isin(SUBTYPES)]
-    return (v.groupby(["source", "modality"], group_keys=False)
-             .apply(lambda g: g.sample(min(len(g), targets.max_per_source), random_state=targets.seed))
-             .reset_index(drop=True))
+    parts = [g.sample(min(len(g), targets.max_per_source), random_state=targets.seed)
+             for _, g in v.groupby(["source", "modality"], sort=True)]
+    return pd.concat(parts).reset_index(drop=True)
 
 
 def score_validation(pipe, rows: pd.DataFrame, data_root: Path | None) -> pd.DataFrame:

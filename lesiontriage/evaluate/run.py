@@ -1,0 +1,1055 @@
+"""`lesiontriage evaluate`: run the shipped models over every test split and write the reports.
+
+Flow (one job per step):
+
+1. ``select_items``: the evaluation images from the manifest (and the synthetic test scenes), one
+   :class:`EvalItem` per image with its split name, labels and ground-truth boxes.
+2. ``run_inference``: per image, the expensive stages, each cached on disk under
+   ``runs/eval_cache/`` keyed by the model's sha256 + the image path (+ size / mtime), so a re-run
+   only computes what changed:
+     ``det``     raw detector output (every box >= the detector's own score floor, original pixels)
+     ``cls_det`` classifier on the crops of the detections the pipeline keeps
+     ``cls_gt``  classifier (+ pooled features) on the ground-truth crops (box + margin, or the
+                 whole image where a set has no box: the lesion is centred, as in training)
+     ``whole``   direct whole-image classifier
+     ``c2``      C=2 malignant / benign detector (only when models/detector_c2.safetensors exists)
+     ``ita``     Individual Typology Angle of the peri-lesional skin
+   The image is decoded once per image and only when a stage is missing from the cache. Every
+   aggregation (mean / max / noisy-OR) is computed from the cached per-lesion probabilities.
+3. ``build_tables``: per-image, per-lesion and per-detection tables (parquet).
+4. ``write_reports``: the JSON sections (``tables.py``) and ``summary.json``.
+
+All stages go through :class:`lesiontriage.pipeline.TriagePipeline` (``load``, ``detect``,
+``_crop_batch`` / ``_normalise``, the classifier's ``features`` + heads): nothing re-implements
+the product. A stage whose model is missing yields ``{"status": "not available: <model> not
+trained"}`` in the reports instead of failing.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import os
+import pickle
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from lesiontriage import paths
+from lesiontriage.evaluate import tables as T
+from lesiontriage.results import INTENDED_USE, SUBTYPES
+
+log = logging.getLogger(__name__)
+
+ITA_VERSION = "ita-v1"
+SPLIT_ORDER = T.SPLIT_ORDER
+
+
+# =====================================================================================================
+# settings and items
+# =====================================================================================================
+
+@dataclass
+class EvalSettings:
+    """Everything that decides what ``evaluate`` computes (recorded in every report)."""
+
+    models_dir: Path = paths.MODELS_DIR
+    out_dir: Path = paths.REPORTS_DIR
+    data_root: Path | None = None
+    manifest: Path | None = None
+    scenes_index: Path | None = None  # default runs/scenes/test/scenes.parquet
+    cache_dir: Path | None = paths.RUNS_DIR / "eval_cache"
+    limit: int | None = None  # images per split (seeded, class-balanced sample) for quick runs
+    seed: int = 0
+    n_boot: int = 1000
+    n_boot_paired: int = 2000
+    n_boot_map: int = 100
+    ham_detection_max: int = 400  # HAM10000 val images (one per lesion) for the dermoscopy box metrics
+    pad_ita_all: bool = True  # ITA vs Fitzpatrick on every PAD-UFES-20 row with a type (model-free)
+    embedding: bool = True
+    workers: int = 1
+    progress: bool = True
+    command: str = ""
+
+    def scenes_path(self) -> Path:
+        return Path(self.scenes_index) if self.scenes_index else paths.RUNS_DIR / "scenes" / "test" / "scenes.parquet"
+
+
+@dataclass
+class EvalItem:
+    """One evaluation image. ``gt_boxes`` are xyxy in original-image pixels."""
+
+    split: str
+    path: str  # as recorded in the tables (manifest-relative, or the scene file path)
+    abs_path: str
+    image_id: str
+    source: str
+    modality: str
+    diagnosis: str | None
+    malignant: int | None
+    gt_boxes: list[list[float]] = field(default_factory=list)
+    box_malignant: list[int | None] = field(default_factory=list)
+    box_diagnosis: list[str | None] = field(default_factory=list)
+    single_lesion: bool = True  # one labelled lesion per photo (GT crop = largest box or whole image)
+    classify: bool = True  # run the lesion classifier (GT crops and detected crops)
+    whole: bool = True  # run the direct whole-image classifier
+    detect_eval: bool = False  # the split has boxes to evaluate the detector against
+    synthetic: bool = False
+    biopsied: bool | None = None
+    fitzpatrick: int | None = None
+    pair_id: str | None = None
+
+    def gt_crop_boxes(self) -> list[list[float]] | None:
+        """Boxes whose crops are classified: the largest box for a single-lesion photo, every box
+        of a scene, None = whole image (sets without boxes)."""
+        if not self.gt_boxes:
+            return None
+        if self.single_lesion:
+            return [max(self.gt_boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))]
+        return self.gt_boxes
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    name: str
+    description: str
+
+
+SPLITS: dict[str, SplitSpec] = {s.name: s for s in (
+    SplitSpec("isic2018_test", "ISIC 2018 Task 3 official test (dermoscopy, 1512 images, stored 224x224 squashed); "
+                               "no boxes: the whole image is the ground-truth crop"),
+    SplitSpec("derm7pt_test_clinical", "derm7pt official test, clinical images; no boxes (whole image)"),
+    SplitSpec("derm7pt_test_dermoscopy", "derm7pt official test, dermoscopy images; no boxes (whole image)"),
+    SplitSpec("pad_ufes20_test", "PAD-UFES-20 subset, manifest test split (smartphone, split by patient); boxes "
+                                 "from course-made masks; 'biopsied' subset reported separately"),
+    SplitSpec("sd198_test", "SD-198 tumour subset: the source's val split (manifest 'test'); clinical; no boxes"),
+    SplitSpec("scenes_test", "SYNTHETIC wide-field test scenes (lesions composited onto skin); per-box labels"),
+    SplitSpec("moles_test", "held-out real wide-field mole photos (18, no diagnosis): detection only"),
+    SplitSpec("ham10000_val_boxes", "HAM10000 has no test split: its validation split (grouped by lesion, held out "
+                                    "from training but used for model selection) provides the held-out dermoscopy "
+                                    "boxes; a seeded sample of one image per lesion, detection only"),
+)}
+
+
+def _opt(v: Any) -> Any:
+    try:
+        return None if pd.isna(v) else v
+    except (TypeError, ValueError):
+        return v
+
+
+def _sample(rows: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
+    """``limit`` rows, seeded; half malignant where possible so a quick run's AUC is defined."""
+    if not limit or len(rows) <= limit:
+        return rows
+    y = pd.to_numeric(rows["malignant"], errors="coerce")
+    pos, neg = rows[y == 1], rows[y != 1]
+    if len(pos) and len(neg):
+        n_pos = min(len(pos), max(1, limit // 2))
+        n_neg = min(len(neg), limit - n_pos)
+        n_pos = min(len(pos), limit - n_neg)
+        out = pd.concat([pos.sample(n_pos, random_state=seed), neg.sample(n_neg, random_state=seed)])
+        return out.sort_index()
+    return rows.sample(limit, random_state=seed).sort_index()
+
+
+def _manifest_item(r: pd.Series, split: str, data_root: Path | None, *, classify: bool = True, whole: bool = True,
+                   detect_eval: bool = False) -> EvalItem:
+    from lesiontriage.data.manifest import resolve_path
+
+    mal = _opt(r.get("malignant"))
+    boxes = [list(map(float, b)) for b in (r.get("boxes") or [])]
+    fitz = _opt(r.get("fitzpatrick"))
+    bio = _opt(r.get("biopsied"))
+    return EvalItem(
+        split=split, path=str(r["path"]), abs_path=str(resolve_path(r["path"], data_root)), image_id=str(r["image_id"]),
+        source=str(r["source"]), modality=str(r["modality"]), diagnosis=_opt(r.get("diagnosis")),
+        malignant=None if mal is None else int(mal), gt_boxes=boxes,
+        box_malignant=[None if mal is None else int(mal)] * len(boxes), box_diagnosis=[_opt(r.get("diagnosis"))] * len(boxes),
+        single_lesion=True, classify=classify and mal is not None, whole=whole and mal is not None,
+        detect_eval=detect_eval, synthetic=False, biopsied=None if bio is None else bool(bio),
+        fitzpatrick=None if fitz is None else int(fitz), pair_id=_opt(r.get("pair_id")),
+    )
+
+
+def manifest_items(manifest: pd.DataFrame, settings: EvalSettings) -> list[EvalItem]:
+    """The real-photo evaluation images, per split (``limit`` images per split when set)."""
+    m = manifest
+    lim, seed, root = settings.limit, settings.seed, settings.data_root
+    items: list[EvalItem] = []
+
+    def add(name: str, rows: pd.DataFrame, **kw: Any) -> None:
+        for _, r in _sample(rows, lim, seed).iterrows():
+            items.append(_manifest_item(r, name, root, **kw))
+
+    test = m[m["split"] == "test"]
+    add("isic2018_test", test[test["source"] == "isic2018_task3_test"])
+    d7 = test[test["source"] == "derm7pt"]
+    add("derm7pt_test_clinical", d7[d7["modality"] == "clinical"])
+    add("derm7pt_test_dermoscopy", d7[d7["modality"] == "dermoscopy"])
+    add("pad_ufes20_test", test[test["source"] == "pad_ufes20_subset"], detect_eval=True)
+    add("sd198_test", test[test["source"] == "sd198_tumour_subset"])
+    moles = test[test["source"] == "moles_widefield_roujiaw"]
+    add("moles_test", moles, classify=False, whole=False, detect_eval=True)
+    ham = m[(m["source"] == "ham10000") & (m["split"] == "val")]
+    ham = ham.sample(frac=1.0, random_state=seed).drop_duplicates("lesion_id").sort_index()
+    cap = min(settings.ham_detection_max, lim) if lim else settings.ham_detection_max
+    if cap and len(ham) > cap:
+        ham = ham.sample(cap, random_state=seed).sort_index()
+    for _, r in ham.iterrows():
+        items.append(_manifest_item(r, "ham10000_val_boxes", root, classify=False, whole=False, detect_eval=True))
+    return items
+
+
+def _scene_label_lists(r: pd.Series, n: int) -> tuple[list[int | None], list[str | None]]:
+    """Per-box malignant flags and diagnoses from whichever columns the scene index has."""
+    mal: list[int | None] = [None] * n
+    dx: list[str | None] = [None] * n
+    for col in ("box_malignant", "malignant", "labels_malignant"):
+        v = r.get(col)
+        if v is not None and not isinstance(v, (str, int, float, bool)) and len(v) == n:
+            mal = [None if _opt(x) is None else int(x) for x in v]
+            break
+    for col in ("box_diagnosis", "diagnoses", "diagnosis", "labels_diagnosis"):
+        v = r.get(col)
+        if v is not None and not isinstance(v, str) and len(v) == n:
+            dx = [None if _opt(x) is None else str(x) for x in v]
+            break
+    labels = r.get("labels")
+    if labels is not None and not isinstance(labels, str) and len(labels) == n and all(isinstance(x, dict) for x in labels):
+        mal = [None if _opt(x.get("malignant")) is None else int(x["malignant"]) for x in labels]
+        dx = [x.get("diagnosis") for x in labels]
+    return mal, dx
+
+
+def scene_items(settings: EvalSettings) -> tuple[list[EvalItem], str]:
+    """The synthetic wide-field test scenes, or ([], reason) when the index does not exist yet."""
+    index = settings.scenes_path()
+    if not index.is_file():
+        return [], f"synthetic test scenes not built ({index} missing; run `lesiontriage data scenes`)"
+    try:
+        try:
+            from lesiontriage.data import scenes as scenes_mod  # the owner's loader when it exists
+
+            loader = getattr(scenes_mod, "load_scene_index", None) or getattr(scenes_mod, "load_scenes", None)
+            df = loader(index) if callable(loader) else pd.read_parquet(index)
+        except ImportError:
+            df = pd.read_parquet(index)
+    except Exception as exc:  # malformed index: report, do not crash the whole evaluation
+        return [], f"{index}: unreadable scene index ({exc.__class__.__name__}: {exc})"
+    if settings.limit:
+        df = df.sample(min(len(df), settings.limit), random_state=settings.seed).sort_index()
+    items: list[EvalItem] = []
+    for i, r in df.iterrows():
+        p = Path(str(r["path"]))
+        abs_p = p if p.is_absolute() else next((c for c in (index.parent / p, paths.REPO_ROOT / p) if c.exists()), index.parent / p)
+        boxes = [list(map(float, b)) for b in (r.get("boxes") if r.get("boxes") is not None else [])]
+        mal, dx = _scene_label_lists(r, len(boxes))
+        known = [m for m in mal if m is not None]
+        image_mal = (1 if any(known) else 0) if known else None
+        items.append(EvalItem(
+            split="scenes_test", path=str(r["path"]), abs_path=str(abs_p), image_id=str(r.get("scene_id", r.get("image_id", p.stem))),
+            source="synthetic_scenes", modality="synthetic_widefield", diagnosis=None, malignant=image_mal,
+            gt_boxes=boxes, box_malignant=mal, box_diagnosis=dx, single_lesion=False,
+            classify=image_mal is not None, whole=image_mal is not None, detect_eval=True, synthetic=True,
+        ))
+    return items, ""
+
+
+def pad_ita_items(manifest: pd.DataFrame, settings: EvalSettings, exclude: set[str]) -> list[EvalItem]:
+    """PAD-UFES-20 rows outside the test items that have a recorded Fitzpatrick type: ITA only
+    (no model), to check the estimator against the recorded types on more than the test split."""
+    pad = manifest[(manifest["source"] == "pad_ufes20_subset") & manifest["fitzpatrick"].notna()
+                   & ~manifest["path"].isin(exclude)]
+    if settings.limit:
+        pad = pad.sample(min(len(pad), settings.limit), random_state=settings.seed)
+    return [_manifest_item(r, "pad_ufes20_ita_only", settings.data_root, classify=False, whole=False) for _, r in pad.iterrows()]
+
+
+# =====================================================================================================
+# models
+# =====================================================================================================
+
+@dataclass
+class ModelInfo:
+    """What is installed: sha256 per model file and why a missing part is missing."""
+
+    metadata: dict[str, Any]
+    sha256: dict[str, str]
+    status: dict[str, str]  # model key -> "ok" | "not available: ... not trained"
+
+    def ok(self, key: str) -> bool:
+        return self.status.get(key) == "ok"
+
+    def missing(self, key: str) -> dict[str, str]:
+        return {"status": self.status.get(key, f"not available: {key} not trained")}
+
+
+MODEL_KEYS: tuple[str, ...] = ("classifier", "detector", "image_classifier", "detector_c2")
+
+
+def model_info(models_dir: Path) -> ModelInfo:
+    """Read metadata.json (no weights loaded) and decide which parts can be evaluated."""
+    meta_path = Path(models_dir) / "metadata.json"
+    meta: dict[str, Any] = {}
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as exc:
+            log.warning("%s unreadable: %s", meta_path, exc)
+    models = meta.get("models") or {}
+    sha, status = {}, {}
+    for key in MODEL_KEYS:
+        entry = models.get(key) or {}
+        f = Path(models_dir) / str(entry.get("file", f"{key}.safetensors"))
+        if entry and f.is_file():
+            sha[key] = str(entry.get("sha256", ""))
+            status[key] = "ok"
+        else:
+            status[key] = f"not available: {key} not trained ({f.name} not in {models_dir})"
+    if status["classifier"] != "ok":
+        for key in ("detector", "image_classifier", "detector_c2"):
+            if status[key] == "ok":
+                status[key] = "not available: needs the classifier, which is not trained"
+    return ModelInfo(meta, sha, status)
+
+
+def pipeline_settings(info: ModelInfo):
+    """The pipeline's inference settings exactly as ``TriagePipeline.from_dir`` builds them."""
+    from lesiontriage.pipeline import PipelineSettings
+
+    return PipelineSettings(**{k: v for k, v in (info.metadata.get("pipeline") or {}).items()
+                               if k in PipelineSettings.__dataclass_fields__})
+
+
+def kept_index(scores: np.ndarray, threshold: float, max_lesions: int) -> np.ndarray:
+    """Indices of the detections the pipeline keeps (scores sorted best first, as detect() returns)."""
+    return np.flatnonzero(np.asarray(scores) >= threshold)[:max_lesions]
+
+
+class Engine:
+    """The shipped pipeline plus the few extra views the evaluation needs (raw detections, raw
+    logits, pooled features). Built once per process."""
+
+    def __init__(self, models_dir: Path, info: ModelInfo, threads: int | None = None) -> None:
+        import torch
+
+        from lesiontriage.pipeline import TriagePipeline
+
+        self.info = info
+        self.pipe = TriagePipeline.from_dir(models_dir) if info.ok("classifier") else None
+        if threads:
+            torch.set_num_threads(threads)
+        self.raw_pipe = None
+        if self.pipe is not None and self.pipe.detector is not None:
+            # Same detect(), no score cut: mAP needs every box the detector emits.
+            self.raw_pipe = copy.copy(self.pipe)
+            self.raw_pipe.settings = dataclasses.replace(self.pipe.settings, detector_score_threshold=0.0, max_lesions=10_000)
+        self.c2 = None
+        if info.ok("detector_c2"):
+            self.c2 = self._load_c2(models_dir, info.metadata["models"]["detector_c2"])
+
+    @staticmethod
+    def _load_c2(models_dir: Path, entry: dict[str, Any]):
+        from lesiontriage.networks.detector import DetectorConfig, build_detector
+        from lesiontriage.weights import load_weights
+
+        det = build_detector(DetectorConfig.from_dict(entry["config"]), pretrained=False)
+        det.load_state_dict(load_weights(Path(models_dir) / entry["file"], entry["sha256"]))
+        return det.eval()
+
+    @property
+    def kept_threshold(self) -> float:
+        return float(self.pipe.settings.detector_score_threshold) if self.pipe else 0.5
+
+    @property
+    def max_lesions(self) -> int:
+        return int(self.pipe.settings.max_lesions) if self.pipe else 30
+
+    def load(self, path: str):
+        if self.pipe is not None:
+            return self.pipe.load(path)
+        from lesiontriage.imaging import load_image
+
+        return load_image(path, max_side=2048)
+
+    def run_heads(self, model, batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Raw malignant logit [N], sub-type probabilities [N, C], pooled features [N, F]: the
+        classifier's forward split at the pooled features (dropout is the identity in eval)."""
+        import torch
+
+        if len(batch) == 0:
+            c = len(model.config.subtypes)
+            return np.zeros(0, np.float32), np.zeros((0, c), np.float32), np.zeros((0, 0), np.float32)
+        with torch.inference_mode():
+            f = model.features(batch)
+            logit = model.malignant_head(f).squeeze(-1).float()
+            sub = torch.softmax(model.subtype_head(f).float(), dim=-1)
+        return logit.numpy(), sub.numpy(), f.float().numpy()
+
+    def detect_raw(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        boxes, scores = self.raw_pipe.detect(rgb)
+        order = np.argsort(-scores, kind="stable")
+        return boxes[order], scores[order]
+
+    def detect_c2(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        import torch
+
+        from lesiontriage.pipeline import _to_tensor
+
+        with torch.inference_mode():
+            out = self.c2([_to_tensor(rgb)])[0]
+        return out["boxes"].numpy(), out["scores"].numpy(), out["labels"].numpy()
+
+    # ---- one image ----------------------------------------------------------------------------------
+    def compute(self, item: EvalItem, stages: Sequence[str], cached_det: dict | None = None) -> dict[str, Any]:
+        """Run the missing ``stages`` for one image; values are plain numpy (picklable)."""
+        from lesiontriage.pipeline import _to_tensor
+        from lesiontriage.skintone import estimate_ita
+
+        out: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        img = self.load(item.abs_path)
+        rgb, scale = img.rgb, float(img.scale)
+        out["_size"] = (int(img.orig_width), int(img.orig_height))
+        timings = {"decode": time.perf_counter() - t0}
+        crop_boxes = item.gt_crop_boxes()
+        if "ita" in stages:
+            t = time.perf_counter()
+            box = None if not item.gt_boxes or not item.single_lesion else [v * scale for v in crop_boxes[0]]
+            out["ita"] = estimate_ita(rgb, box).to_dict()
+            timings["ita"] = time.perf_counter() - t
+        det = cached_det
+        if "det" in stages:
+            t = time.perf_counter()
+            boxes, scores = self.detect_raw(rgb)
+            det = {"boxes": (boxes / scale).astype(np.float32), "scores": scores.astype(np.float32)}
+            out["det"] = det
+            timings["detect"] = time.perf_counter() - t
+        if "cls_det" in stages:
+            t = time.perf_counter()
+            keep = kept_index(det["scores"], self.kept_threshold, self.max_lesions)
+            kb = det["boxes"][keep] * scale
+            cfg = self.pipe.classifier.config
+            logit, sub, _ = self.run_heads(self.pipe.classifier, self.pipe._crop_batch(rgb, kb, cfg)) if len(kb) else \
+                self.run_heads(self.pipe.classifier, [])
+            out["cls_det"] = {"index": keep.astype(np.int32), "logit": logit, "sub": sub}
+            timings["classify_detected"] = time.perf_counter() - t
+        if "cls_gt" in stages:
+            t = time.perf_counter()
+            cfg = self.pipe.classifier.config
+            if crop_boxes is None:
+                batch = self.pipe._normalise([_to_tensor(rgb)], cfg)
+            else:
+                batch = self.pipe._crop_batch(rgb, np.asarray(crop_boxes, dtype=np.float32) * scale, cfg)
+            logit, sub, feat = self.run_heads(self.pipe.classifier, batch)
+            out["cls_gt"] = {"logit": logit, "sub": sub, "feat": feat.astype(np.float16)}
+            timings["classify_gt"] = time.perf_counter() - t
+        if "whole" in stages:
+            t = time.perf_counter()
+            model = self.pipe.image_classifier
+            logit, sub, _ = self.run_heads(model, self.pipe._normalise([_to_tensor(rgb)], model.config))
+            out["whole"] = {"logit": logit, "sub": sub}
+            timings["whole_image"] = time.perf_counter() - t
+        if "c2" in stages:
+            t = time.perf_counter()
+            b, s, lab = self.detect_c2(rgb)
+            out["c2"] = {"boxes": (b / scale).astype(np.float32), "scores": s.astype(np.float32), "labels": lab.astype(np.int16)}
+            timings["detect_c2"] = time.perf_counter() - t
+        out["_timings"] = timings
+        return out
+
+
+# =====================================================================================================
+# cache
+# =====================================================================================================
+
+class PredictionCache:
+    """Per-stage, per-model pickle shards in ``runs/eval_cache/`` (git-ignored).
+
+    A key is sha256(stage | model tag | image path | file size | mtime), so a changed model file
+    (new sha256) or a changed image never reuses a stale prediction. ``directory=None`` disables
+    the cache (memory only)."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = Path(directory) if directory else None
+        self._shards: dict[str, dict[str, Any]] = {}
+        self._dirty: set[str] = set()
+        self._last_flush = time.monotonic()
+
+    @staticmethod
+    def stamp(path: str) -> str:
+        try:
+            st = os.stat(path)
+            return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+        except OSError:
+            return f"{path}|missing"
+
+    def _shard(self, stage: str, tag: str) -> dict[str, Any]:
+        name = f"{stage}-{hashlib.sha256(tag.encode()).hexdigest()[:16]}"
+        if name not in self._shards:
+            data: dict[str, Any] = {}
+            if self.directory and (self.directory / f"{name}.pkl").is_file():
+                try:
+                    with open(self.directory / f"{name}.pkl", "rb") as fh:
+                        data = pickle.load(fh)
+                except Exception as exc:  # a truncated shard (killed run) is recomputed, not fatal
+                    log.warning("eval cache shard %s unreadable (%s): recomputing", name, exc)
+            self._shards[name] = data
+        return self._shards[name]
+
+    def _name(self, stage: str, tag: str) -> str:
+        return f"{stage}-{hashlib.sha256(tag.encode()).hexdigest()[:16]}"
+
+    def get(self, stage: str, tag: str, key: str) -> Any:
+        return self._shard(stage, tag).get(key)
+
+    def put(self, stage: str, tag: str, key: str, value: Any) -> None:
+        self._shard(stage, tag)[key] = value
+        self._dirty.add(self._name(stage, tag))
+        if time.monotonic() - self._last_flush > 60:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if not self.directory:
+            self._dirty.clear()
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for name in sorted(self._dirty):
+            tmp = self.directory / f"{name}.pkl.tmp"
+            with open(tmp, "wb") as fh:
+                pickle.dump(self._shards[name], fh, protocol=pickle.HIGHEST_PROTOCOL)
+            tmp.replace(self.directory / f"{name}.pkl")
+        self._dirty.clear()
+
+
+# =====================================================================================================
+# inference over all items
+# =====================================================================================================
+
+@dataclass
+class ImageRecord:
+    """Everything computed for one image (from the cache or fresh)."""
+
+    item: EvalItem
+    size: tuple[int, int] | None = None
+    stages: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+    cached: bool = False
+
+
+def stage_tags(info: ModelInfo, engine_settings: dict[str, Any], item: EvalItem) -> dict[str, tuple[str, str]]:
+    """(model tag, key suffix) per stage that applies to this item given the installed models."""
+    tags: dict[str, tuple[str, str]] = {"ita": (ITA_VERSION, json.dumps(item.gt_crop_boxes() if item.single_lesion else None))}
+    det_ok = info.ok("detector")
+    cls_ok = info.ok("classifier")
+    need_two_stage = item.classify or item.whole  # labelled images get the product's two-stage score
+    if det_ok and (item.detect_eval or need_two_stage):
+        tags["det"] = (info.sha256["detector"], "")
+    if cls_ok and det_ok and need_two_stage:
+        tags["cls_det"] = (f"{info.sha256['classifier']}|{info.sha256['detector']}|{engine_settings['thr']}|{engine_settings['max']}", "")
+    if cls_ok and item.classify:
+        tags["cls_gt"] = (info.sha256["classifier"], json.dumps(item.gt_crop_boxes()))
+    if info.ok("image_classifier") and item.whole:
+        tags["whole"] = (info.sha256["image_classifier"], "")
+    if info.ok("detector_c2") and (item.detect_eval or need_two_stage):
+        tags["c2"] = (info.sha256["detector_c2"], "")
+    return tags
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(models_dir: str, info: ModelInfo) -> None:
+    _WORKER["engine"] = Engine(Path(models_dir), info, threads=1)
+
+
+def _worker_compute(item: EvalItem, stages: list[str], cached_det: dict | None) -> tuple[dict[str, Any] | None, str]:
+    return _compute_safely(_WORKER["engine"], item, stages, cached_det)
+
+
+def _compute_safely(engine: Engine, item: EvalItem, stages: Sequence[str], cached_det: dict | None) -> tuple[dict[str, Any] | None, str]:
+    from lesiontriage.errors import LesionTriageError
+
+    try:
+        return engine.compute(item, stages, cached_det), ""
+    except LesionTriageError as exc:
+        return None, str(exc)
+    except (OSError, ValueError) as exc:
+        return None, f"{item.path}: {exc.__class__.__name__}: {exc}"
+
+
+def run_inference(items: Sequence[EvalItem], info: ModelInfo, settings: EvalSettings,
+                  engine: Engine | None = None) -> list[ImageRecord]:
+    """Every stage for every item, from the cache where possible; a progress bar over images."""
+    from tqdm.auto import tqdm
+
+    cache = PredictionCache(settings.cache_dir)
+    ps = pipeline_settings(info)
+    eng_settings = {"thr": ps.detector_score_threshold, "max": ps.max_lesions}
+    records: list[ImageRecord] = []
+    todo: list[tuple[ImageRecord, list[str], dict[str, tuple[str, str]]]] = []
+    for item in items:
+        rec = ImageRecord(item)
+        tags = stage_tags(info, eng_settings, item)
+        stamp = PredictionCache.stamp(item.abs_path)
+        missing = []
+        for stage, (tag, suffix) in tags.items():
+            v = cache.get(stage, tag, f"{stamp}|{suffix}")
+            if v is None:
+                missing.append(stage)
+            else:
+                rec.stages[stage] = v
+        size = cache.get("size", "v1", stamp)
+        if size is not None:
+            rec.size = tuple(size)
+        if missing or rec.size is None:
+            todo.append((rec, missing, tags))
+        else:
+            rec.cached = True
+        records.append(rec)
+    log.info("evaluate: %d images, %d need computing, %d fully cached", len(records), len(todo), len(records) - len(todo))
+
+    def store(rec: ImageRecord, tags: dict[str, tuple[str, str]], res: dict[str, Any] | None, err: str) -> None:
+        if res is None:
+            rec.error = err
+            return
+        stamp = PredictionCache.stamp(rec.item.abs_path)
+        rec.size = res.pop("_size")
+        rec.seconds = res.pop("_timings")
+        cache.put("size", "v1", stamp, list(rec.size))
+        for stage, value in res.items():
+            rec.stages[stage] = value
+            tag, suffix = tags[stage]
+            cache.put(stage, tag, f"{stamp}|{suffix}", value)
+
+    bar = tqdm(total=len(todo), desc="evaluate (images)", unit="img", disable=not settings.progress or not todo,
+               file=sys.stderr, dynamic_ncols=True)
+    try:
+        if settings.workers > 1 and len(todo) > 4 and info.ok("classifier"):
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            ctx = mp.get_context("spawn")
+            with ProcessPoolExecutor(settings.workers, mp_context=ctx, initializer=_worker_init,
+                                     initargs=(str(settings.models_dir), info)) as pool:
+                futures = [(pool.submit(_worker_compute, rec.item, missing, rec.stages.get("det")), rec, tags)
+                           for rec, missing, tags in todo]
+                for fut, rec, tags in futures:
+                    res, err = fut.result()
+                    store(rec, tags, res, err)
+                    bar.update(1)
+        elif todo:
+            engine = engine or Engine(settings.models_dir, info)
+            for rec, missing, tags in todo:
+                bar.set_postfix_str(rec.item.split, refresh=False)
+                res, err = _compute_safely(engine, rec.item, missing, rec.stages.get("det"))
+                store(rec, tags, res, err)
+                bar.update(1)
+    finally:
+        bar.close()
+        cache.flush()
+    n_err = sum(1 for r in records if r.error)
+    if n_err:
+        log.warning("evaluate: %d images could not be read (listed with status 'error: ...')", n_err)
+    return records
+
+
+# =====================================================================================================
+# tables
+# =====================================================================================================
+
+def _sigmoid(z: np.ndarray | float) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=float)))
+
+
+def _aggregate(ps: Sequence[float], name: str) -> float:
+    from lesiontriage.aggregation import aggregate
+
+    return float(aggregate(list(map(float, ps)), name))
+
+
+def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    from lesiontriage.evaluate.detection import box_iou
+
+    return box_iou(a, b) if len(a) and len(b) else np.zeros((len(a), len(b)))
+
+
+@dataclass
+class Tables:
+    images: pd.DataFrame
+    lesions: pd.DataFrame
+    detections: pd.DataFrame
+    features: np.ndarray  # pooled features of the lesions table's rows (NaN rows where not computed)
+
+
+def build_tables(records: Sequence[ImageRecord], info: ModelInfo, default_aggregate: str = "mean",
+                 kept_threshold: float = 0.5, max_lesions: int = 30) -> Tables:
+    """Per-image, per-lesion and per-(kept-)detection tables from the inference records."""
+    models = info.metadata.get("models") or {}
+    t_cls = float((models.get("classifier") or {}).get("temperature", 1.0))
+    t_img = float((models.get("image_classifier") or {}).get("temperature", 1.0))
+    det_ok = info.ok("detector")
+    img_rows, les_rows, det_rows, feats = [], [], [], []
+    feat_dim = 0
+    for rec in records:
+        it = rec.item
+        st = rec.stages
+        base = {"split": it.split, "path": it.path, "image_id": it.image_id, "source": it.source, "modality": it.modality,
+                "synthetic": it.synthetic}
+        row: dict[str, Any] = {**base, "diagnosis": it.diagnosis, "malignant": it.malignant, "biopsied": it.biopsied,
+                               "fitzpatrick": it.fitzpatrick, "pair_id": it.pair_id,
+                               "status": f"error: {rec.error}" if rec.error else "ok",
+                               "width": rec.size[0] if rec.size else None, "height": rec.size[1] if rec.size else None,
+                               "n_gt": len(it.gt_boxes), "seconds": float(sum(rec.seconds.values())) if rec.seconds else float("nan"),
+                               "from_cache": rec.cached}
+        # ---- ITA
+        ita = st.get("ita") or {}
+        row.update({"ita": ita.get("ita"), "ita_category": ita.get("category"), "ita_ok": ita.get("ok"),
+                    "ita_reason": ita.get("reason")})
+        # ---- detections kept by the pipeline + their classification
+        det = st.get("det")
+        cls_det = st.get("cls_det")
+        kept_boxes = np.zeros((0, 4))
+        kept_p = np.zeros(0)
+        kept_sub = np.zeros((0, len(SUBTYPES)))
+        if det is not None:
+            keep = kept_index(det["scores"], kept_threshold, max_lesions)
+            kept_boxes, kept_scores = det["boxes"][keep], det["scores"][keep]
+            row["det_max_score"] = float(det["scores"].max()) if len(det["scores"]) else 0.0
+            if cls_det is not None:
+                kept_p = _sigmoid(np.asarray(cls_det["logit"], float) / t_cls)
+                kept_sub = np.asarray(cls_det["sub"], float)
+            gt = np.asarray(it.gt_boxes, float).reshape(-1, 4)
+            iou = _iou_matrix(kept_boxes, gt)
+            for j, b in enumerate(kept_boxes):
+                det_rows.append({**base, "det_index": j, "x1": float(b[0]), "y1": float(b[1]), "x2": float(b[2]), "y2": float(b[3]),
+                                 "detector_score": float(kept_scores[j]),
+                                 "p_malignant": float(kept_p[j]) if j < len(kept_p) else None,
+                                 "top_subtype": SUBTYPES[int(np.argmax(kept_sub[j]))] if j < len(kept_sub) else None,
+                                 "best_iou_gt": float(iou[j].max()) if iou.shape[1] else None,
+                                 "matched_gt": int(iou[j].argmax()) if iou.shape[1] and iou[j].max() > 0 else None})
+            row["n_detected"] = int(len(kept_boxes))
+            row["no_lesion_detected"] = bool(len(kept_boxes) == 0)
+        two_stage_ok = det is not None and cls_det is not None
+        if two_stage_ok:
+            for agg in T.AGGREGATIONS:
+                row[T.IMAGE_SCORE_COLUMNS[f"two_stage.{agg}"]] = _aggregate(kept_p, agg)
+            row["p_detected_max"] = float(kept_p.max()) if len(kept_p) else 0.0
+        # ---- direct whole-image
+        whole = st.get("whole")
+        if whole is not None:
+            z = float(np.asarray(whole["logit"]).reshape(-1)[0])
+            row[T.IMAGE_SCORE_COLUMNS["direct.whole"]] = float(_sigmoid(z / t_img))
+            row["logit_direct_whole"] = z
+        # ---- one-step C=2: image score from the malignant-class boxes (label 2)
+        c2 = st.get("c2")
+        if c2 is not None:
+            mal = (c2["labels"] == 2) & (c2["scores"] >= kept_threshold)
+            for agg in T.AGGREGATIONS:
+                row[T.IMAGE_SCORE_COLUMNS[f"one_step_c2.{agg}"]] = _aggregate(c2["scores"][mal], agg)
+        # ---- ground-truth crops -> lesion rows
+        gt_cls = st.get("cls_gt")
+        if gt_cls is not None:
+            logits = np.asarray(gt_cls["logit"], float)
+            subs = np.asarray(gt_cls["sub"], float)
+            crop_boxes = it.gt_crop_boxes()
+            gt_arr = np.asarray(crop_boxes, float).reshape(-1, 4) if crop_boxes else np.zeros((0, 4))
+            iou = _iou_matrix(gt_arr, kept_boxes) if det is not None else None
+            for k in range(len(logits)):
+                if it.single_lesion:
+                    mal_k, dx_k = it.malignant, it.diagnosis
+                else:
+                    mal_k, dx_k = it.box_malignant[k], it.box_diagnosis[k]
+                lr = {**base, "lesion_index": k, "diagnosis": dx_k, "malignant": mal_k, "biopsied": it.biopsied,
+                      "fitzpatrick": it.fitzpatrick, "gt_is_whole_image": crop_boxes is None,
+                      "x1": float(gt_arr[k, 0]) if crop_boxes else None, "y1": float(gt_arr[k, 1]) if crop_boxes else None,
+                      "x2": float(gt_arr[k, 2]) if crop_boxes else None, "y2": float(gt_arr[k, 3]) if crop_boxes else None,
+                      "logit_gt": float(logits[k]), "p_gt": float(_sigmoid(logits[k] / t_cls)),
+                      **{f"sub_{n}": float(subs[k, i]) for i, n in enumerate(SUBTYPES[: subs.shape[1]])},
+                      "top_subtype": SUBTYPES[int(np.argmax(subs[k]))],
+                      "ita_category": row["ita_category"], "ita_ok": row["ita_ok"], "ita": row["ita"]}
+                if two_stage_ok:
+                    if it.single_lesion:
+                        # single-lesion photo: the product's image score is the lesion's detected-path score
+                        lr["p_detected"] = row[T.IMAGE_SCORE_COLUMNS[f"two_stage.{default_aggregate}"]]
+                        lr["p_detected_max"] = row["p_detected_max"]
+                        lr["detected"] = bool(len(kept_boxes) > 0) if crop_boxes is None else bool(iou.shape[1] and iou[k].max() > 0)
+                        lr["best_iou"] = float(iou[k].max()) if crop_boxes and iou.shape[1] else (None if crop_boxes is None else 0.0)
+                    else:
+                        # scene lesion: the overlapping kept detections (IoU > 0); missed -> 0
+                        hit = np.flatnonzero(iou[k] > 0) if iou.shape[1] else np.zeros(0, int)
+                        best = int(hit[np.argmax(iou[k, hit])]) if len(hit) else None
+                        lr["p_detected"] = float(kept_p[best]) if best is not None else 0.0
+                        lr["p_detected_max"] = float(kept_p[hit].max()) if len(hit) else 0.0
+                        lr["detected"] = best is not None
+                        lr["best_iou"] = float(iou[k].max()) if iou.shape[1] else 0.0
+                les_rows.append(lr)
+                f = np.asarray(gt_cls["feat"], dtype=np.float32)
+                feat_dim = f.shape[1] if f.ndim == 2 and f.size else feat_dim
+                feats.append(f[k] if f.ndim == 2 and len(f) > k else None)
+            if it.single_lesion and len(logits):
+                row["p_gt"] = float(_sigmoid(logits[0] / t_cls))
+                row["logit_gt"] = float(logits[0])
+        img_rows.append(row)
+    images = pd.DataFrame(img_rows)
+    lesions = pd.DataFrame(les_rows)
+    detections = pd.DataFrame(det_rows)
+    feat_arr = np.full((len(feats), feat_dim), np.nan, dtype=np.float32)
+    for i, f in enumerate(feats):
+        if f is not None and feat_dim:
+            feat_arr[i] = f
+    for df in (images, lesions):
+        if "malignant" in df.columns:
+            df["malignant"] = pd.array(df["malignant"].tolist(), dtype="Int8")
+        for col in ("biopsied", "synthetic", "ita_ok", "no_lesion_detected", "detected", "gt_is_whole_image", "from_cache"):
+            if col in df.columns:
+                df[col] = pd.array([None if _opt(v) is None else bool(v) for v in df[col]], dtype="boolean")
+        if "fitzpatrick" in df.columns:
+            df["fitzpatrick"] = pd.array([None if _opt(v) is None else int(v) for v in df["fitzpatrick"]], dtype="Int8")
+    if not det_ok:
+        log.info("no detector: two-stage and detected-box columns stay empty")
+    return Tables(images, lesions, detections, feat_arr)
+
+
+# =====================================================================================================
+# report sections
+# =====================================================================================================
+
+def provenance(settings: EvalSettings, info: ModelInfo, manifest_digest: str) -> dict[str, Any]:
+    from lesiontriage import __version__
+
+    return {
+        "command": settings.command or "lesiontriage evaluate",
+        "manifest_hash": manifest_digest,
+        "model_sha256": {k: v for k, v in info.sha256.items()},
+        "model_status": info.status,
+        "seed": settings.seed,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "package_version": __version__,
+        "limit_per_split": settings.limit,
+        "n_boot": settings.n_boot,
+        "models_dir": str(settings.models_dir),
+        "data_root": str(paths.data_root(settings.data_root)),
+        "intended_use": INTENDED_USE,
+    }
+
+
+def report_context(info: ModelInfo, settings: EvalSettings) -> T.ReportContext:
+    ps = pipeline_settings(info)
+    return T.ReportContext(status=info.status, metadata=info.metadata, default_aggregate=str(ps.default_aggregate),
+                           n_boot=settings.n_boot, n_boot_paired=settings.n_boot_paired, n_boot_map=settings.n_boot_map,
+                           seed=settings.seed, kept_threshold=float(ps.detector_score_threshold), max_kept=int(ps.max_lesions))
+
+
+def detection_sets(records: Sequence[ImageRecord]) -> tuple[dict[str, T.DetectionSet], dict[str, T.DetectionSet]]:
+    """Per split with boxes to evaluate: the one-class and the C=2 detector outputs vs ground truth."""
+    one: dict[str, T.DetectionSet] = {}
+    c2: dict[str, T.DetectionSet] = {}
+    for r in records:
+        it = r.item
+        if not it.detect_eval or r.error:
+            continue
+        gt = np.asarray(it.gt_boxes, float).reshape(-1, 4)
+        for stage, target in (("det", one), ("c2", c2)):
+            out = r.stages.get(stage)
+            if out is None:
+                continue
+            d = target.setdefault(it.split, T.DetectionSet([], [], [], [] if stage == "c2" else None, [],
+                                                           SPLITS[it.split].description if it.split in SPLITS else "",
+                                                           it.synthetic))
+            d.gt.append(gt)
+            d.boxes.append(np.asarray(out["boxes"], float).reshape(-1, 4))
+            d.scores.append(np.asarray(out["scores"], float).reshape(-1))
+            if stage == "c2":
+                d.labels.append(np.asarray(out["labels"]).reshape(-1))
+            d.gt_malignant.append(list(it.box_malignant))
+    return one, c2
+
+
+# =====================================================================================================
+# writing
+# =====================================================================================================
+
+REPORT_FILES: dict[str, str] = {
+    "evaluation": "evaluation.json",
+    "lesion_level": "lesion_level.json",
+    "detection": "detection.json",
+    "image_level": "image_level.json",
+    "calibration": "calibration.json",
+    "operating_points": "operating_points.json",
+    "skin_tone": "skin_tone.json",
+    "embedding": "embedding.json",
+    "error_analysis": "error_analysis.json",
+    "summary": "summary.json",
+}
+TABLE_FILES: dict[str, str] = {
+    "images": "predictions_images.parquet",
+    "lesions": "predictions_lesions.parquet",
+    "detections": "predictions_detections.parquet",
+    "embedding": "embedding.parquet",
+}
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(T.jsonable(obj), indent=1, allow_nan=False))
+    tmp.replace(path)
+
+
+def _write_parquet(path: Path, df: pd.DataFrame) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".parquet.tmp")
+    df.to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+@dataclass
+class EvalResult:
+    out_dir: Path
+    files: dict[str, Path]
+    summary: dict[str, Any]
+    seconds: dict[str, float]
+    n_images: int
+    n_computed: int
+    tables: Tables
+
+
+def projected_full_seconds(records: Sequence[ImageRecord], full_counts: dict[str, int]) -> dict[str, Any]:
+    """Mean fresh per-image inference time per split x the full split size (for --limit runs)."""
+    per_split: dict[str, list[float]] = {}
+    for r in records:
+        if r.seconds and not r.cached:
+            per_split.setdefault(r.item.split, []).append(sum(r.seconds.values()))
+    all_t = [t for v in per_split.values() for t in v]
+    overall = float(np.mean(all_t)) if all_t else float("nan")
+    proj = {s: float(np.mean(per_split.get(s, all_t) or [overall])) * n for s, n in full_counts.items()}
+    return {"mean_seconds_per_image": overall, "per_split_mean_seconds": {k: float(np.mean(v)) for k, v in per_split.items()},
+            "full_counts": full_counts, "projected_inference_seconds": proj,
+            "projected_inference_total_seconds": float(sum(v for v in proj.values() if math.isfinite(v)))}
+
+
+def full_split_counts(manifest: pd.DataFrame, settings: EvalSettings, n_scenes: int | None) -> dict[str, int]:
+    full = dataclasses.replace(settings, limit=None)
+    items = manifest_items(manifest, full)
+    counts: dict[str, int] = {}
+    for it in items:
+        counts[it.split] = counts.get(it.split, 0) + 1
+    if n_scenes is not None:
+        counts["scenes_test"] = n_scenes
+    return counts
+
+
+def evaluate(settings: EvalSettings, manifest: pd.DataFrame | None = None,
+             items: Sequence[EvalItem] | None = None, engine: Engine | None = None) -> EvalResult:
+    """Run everything and write ``settings.out_dir``. ``items`` / ``manifest`` may be given (tests)."""
+    from lesiontriage.data.manifest import load_manifest, manifest_hash
+
+    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+    info = model_info(settings.models_dir)
+    notes: list[str] = []
+    if manifest is None:
+        manifest = load_manifest(settings.manifest)
+    digest = manifest_hash(manifest) if manifest is not None and len(manifest) else ""
+    n_scenes_full = None
+    if items is None:
+        items = manifest_items(manifest, settings)
+        scenes, why = scene_items(settings)
+        if why:
+            notes.append(why)
+        else:
+            n_scenes_full = len(pd.read_parquet(settings.scenes_path(), columns=["path"]))
+        items = list(items) + scenes
+    extra_ita_items = pad_ita_items(manifest, settings, {it.path for it in items}) if (settings.pad_ita_all and manifest is not None
+                                                                                       and "fitzpatrick" in manifest.columns) else []
+    seconds["select"] = time.perf_counter() - t0
+    for key in MODEL_KEYS:
+        if not info.ok(key):
+            notes.append(f"{key}: {info.status[key]}")
+
+    t = time.perf_counter()
+    records = run_inference(list(items) + extra_ita_items, info, settings, engine=engine)
+    seconds["inference"] = time.perf_counter() - t
+    main_records = [r for r in records if r.item.split != "pad_ufes20_ita_only"]
+    extra_records = [r for r in records if r.item.split == "pad_ufes20_ita_only"]
+
+    t = time.perf_counter()
+    ps = pipeline_settings(info)
+    agg, kept_thr, max_les = str(ps.default_aggregate), float(ps.detector_score_threshold), int(ps.max_lesions)
+    tables = build_tables(main_records, info, agg, kept_thr, max_les)
+    ita_extra = build_tables(extra_records, info, agg, kept_thr, max_les).images
+    seconds["tables"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    prov = provenance(settings, info, digest)
+    ctx = report_context(info, settings)
+    images, lesions = tables.images, tables.lesions
+    sections: dict[str, Any] = {
+        "lesion_level": T.lesion_level_section(lesions, images, ctx),
+        "detection": T.detection_section(*detection_sets(main_records), ctx),
+        "image_level": T.image_level_section(images, ctx),
+        "calibration": T.calibration_report(lesions, images, ctx),
+        "operating_points": T.operating_points_report(images, ctx),
+        "skin_tone": T.skin_tone_report(lesions, images, ita_extra, ctx),
+        "error_analysis": T.error_report(lesions, ctx),
+    }
+    seconds["metrics"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    emb_table = pd.DataFrame()
+    if settings.embedding and not tables.lesions.empty and np.isfinite(tables.features).all(axis=1).any():
+        from lesiontriage.evaluate.embedding import embedding_json, embedding_table
+
+        emb_table, emb_info = embedding_table(tables.lesions, tables.features, seed=settings.seed)
+        sections["embedding"] = {**emb_info, "file": TABLE_FILES["embedding"], "map": embedding_json(emb_table)}
+    else:
+        sections["embedding"] = info.missing("classifier") if not info.ok("classifier") else {"status": "not available: no lesion features"}
+    seconds["embedding"] = time.perf_counter() - t
+
+    out_dir = Path(settings.out_dir)
+    files: dict[str, Path] = {}
+    for key, df in (("images", tables.images), ("lesions", tables.lesions), ("detections", tables.detections),
+                    ("embedding", emb_table)):
+        if not df.empty:
+            files[key] = out_dir / TABLE_FILES[key]
+            _write_parquet(files[key], df)
+    seconds["total"] = time.perf_counter() - t0
+    n_computed = sum(1 for r in records if not r.cached)
+    timing = {"seconds": seconds, "n_images": len(records), "n_computed": n_computed, "workers": settings.workers,
+              "cpu_count": os.cpu_count()}
+    if settings.limit and manifest is not None:
+        timing["projection"] = projected_full_seconds(records, full_split_counts(manifest, settings, n_scenes_full))
+    summary = T.headline(sections, tables.images, ctx, prov)
+    index = {
+        "provenance": prov, "intended_use": INTENDED_USE,
+        "splits": T.split_summary(tables.images, {k: v.description for k, v in SPLITS.items()}),
+        "models": info.status,
+        "notes": notes + ["Synthetic wide-field scenes are synthetic: reported only under split=scenes_test, never pooled "
+                          "with real photos.",
+                          "HAM10000 has no test split; the dermoscopy box metrics use its validation split "
+                          f"(<= {settings.ham_detection_max} images, one per lesion)."],
+        "files": {**{k: v for k, v in REPORT_FILES.items()}, **{k: v for k, v in TABLE_FILES.items()}},
+        "timings": timing,
+    }
+    for key, obj in sections.items():
+        obj = obj if isinstance(obj, dict) else {"value": obj}
+        _write_json(out_dir / REPORT_FILES[key], {"provenance": prov, **obj})
+        files[key] = out_dir / REPORT_FILES[key]
+    _write_json(out_dir / REPORT_FILES["evaluation"], index)
+    _write_json(out_dir / REPORT_FILES["summary"], summary)
+    files["evaluation"] = out_dir / REPORT_FILES["evaluation"]
+    files["summary"] = out_dir / REPORT_FILES["summary"]
+    return EvalResult(out_dir, files, T.jsonable(summary), seconds, len(records), n_computed, tables)

@@ -1,0 +1,426 @@
+"""`lesiontriage evaluate`: report assembly (pure functions on hand-made tables), the table
+builder and cache (no network), the orchestration with a tiny random classifier (checks that the
+evaluation reproduces the pipeline's own numbers), and a run with the shipped models when present."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from lesiontriage.evaluate import tables as T
+from lesiontriage.evaluate.embedding import embed_2d, embedding_json, embedding_table
+from lesiontriage.evaluate.run import (
+    EvalItem,
+    EvalSettings,
+    ImageRecord,
+    ModelInfo,
+    PredictionCache,
+    _sample,
+    build_tables,
+    model_info,
+)
+from lesiontriage.paths import MODELS_DIR
+
+HEADLINE_KEYS = ("lesion_auc", "lesion_ap", "lesion_auc_clinical", "lesion_auc_smartphone", "detection_map50",
+                 "detection_map50_95", "detection_recall_iou0", "widefield_recall", "ece",
+                 "specificity_at_95_sensitivity", "image_auc.two_stage.mean", "image_auc.two_stage.max",
+                 "image_auc.two_stage.noisy_or", "image_auc.direct.whole", "image_auc.one_step_c2.max")
+
+
+# ---------------------------------------------------------------------------------------------
+# hand-made tables
+# ---------------------------------------------------------------------------------------------
+
+def _images(n: int = 80, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    y = np.array([1, 0] * (n // 2))
+    splits = np.where(np.arange(n) < n // 2, "isic2018_test", "pad_ufes20_test")
+    df = pd.DataFrame({
+        "split": splits, "path": [f"img{i}.jpg" for i in range(n)], "image_id": [f"id{i}" for i in range(n)],
+        "source": np.where(splits == "isic2018_test", "isic2018_task3_test", "pad_ufes20_subset"),
+        "modality": np.where(splits == "isic2018_test", "dermoscopy", "smartphone"),
+        "synthetic": False, "malignant": pd.array(y, dtype="Int8"),
+        "biopsied": pd.array([bool(i % 3) for i in range(n)], dtype="boolean"),
+        "status": "ok", "n_gt": 1, "diagnosis": np.where(y == 1, "MEL", "NV"), "lesion_index": 0,
+    })
+    signal = y * 1.2 + rng.normal(0, 1, n)
+    p = 1 / (1 + np.exp(-signal))
+    for agg in T.AGGREGATIONS:
+        df[f"score_two_stage_{agg}"] = p
+    df["score_direct_whole"] = 1 / (1 + np.exp(-(y * 0.3 + rng.normal(0, 1, n))))
+    df["p_gt"] = p
+    df["logit_gt"] = np.log(p / (1 - p)) * 2.0  # raw logit for T = 2
+    df["p_detected"] = p
+    df["no_lesion_detected"] = pd.array([i == 3 for i in range(n)], dtype="boolean")
+    return df
+
+
+def test_groups_exclude_synthetic_from_pooled_and_add_biopsied_subset():
+    df = _images(20)
+    df.loc[0:3, "split"] = "scenes_test"
+    df.loc[0:3, "synthetic"] = True
+    groups = dict(T.evaluation_groups(df, T.SPLIT_ORDER))
+    assert not groups["all_real_test"][0:3].any() and groups["all_real_test"][4:].all()
+    assert groups["split=scenes_test"].sum() == 4
+    bio = groups["split=pad_ufes20_test/biopsied"]
+    assert bio.sum() == int((df["split"].eq("pad_ufes20_test") & df["biopsied"]).sum())
+    assert list(groups)[:1] == ["all_real_test"]
+
+
+def test_ranking_rows_match_sklearn_and_skip_missing_and_unlabelled():
+    df = _images(60)
+    df.loc[5, "malignant"] = pd.NA  # out of scope: never scored
+    df.loc[6, "score_two_stage_mean"] = np.nan  # failed image: counted as missing
+    rows = T.ranking_rows(df, T.evaluation_groups(df, T.SPLIT_ORDER), {"two_stage.mean": "score_two_stage_mean",
+                                                                       "absent": "no_such_column"}, n_boot=200)
+    assert {r["score"] for r in rows} == {"two_stage.mean"}
+    r = next(r for r in rows if r["group"] == "all_real_test")
+    ok = df["malignant"].notna() & df["score_two_stage_mean"].notna()
+    y, p = df.loc[ok, "malignant"].astype(int), df.loc[ok, "score_two_stage_mean"]
+    assert r["n"] == ok.sum() and r["n_missing_score"] == 1
+    assert r["auc"] == pytest.approx(roc_auc_score(y, p))
+    assert r["ap"] == pytest.approx(average_precision_score(y, p))
+    assert r["auc_ci_low"] <= r["auc"] <= r["auc_ci_high"]
+
+
+def test_one_class_group_is_flagged_not_scored():
+    df = _images(20)
+    df["malignant"] = pd.array([0] * 20, dtype="Int8")
+    rows = T.ranking_rows(df, [("all", pd.Series(True, index=df.index))], {"s": "p_gt"}, n_boot=50)
+    assert rows[0]["auc"] is None or math.isnan(rows[0]["auc"])
+    assert "one class" in rows[0]["flag"]
+    paired = T.paired_rows(df, [("all", pd.Series(True, index=df.index))], [("a", "p_gt", "b", "p_detected")], n_boot=50)
+    assert all("one class" in r["flag"] for r in paired)
+
+
+def test_paired_rows_identical_scores_give_p_one():
+    df = _images(60)
+    rows = T.paired_rows(df, [("all", pd.Series(True, index=df.index))], [("gt", "p_gt", "det", "p_detected")], n_boot=200)
+    auc = next(r for r in rows if r["metric"] == "auc")
+    assert auc["delta"] == pytest.approx(0.0) and auc["p_value"] == pytest.approx(1.0)
+
+
+def test_operating_points_at_shipped_threshold_and_prevalence():
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    p = np.array([0.9, 0.8, 0.6, 0.2, 0.7, 0.3, 0.2, 0.1, 0.1, 0.05])
+    df = pd.DataFrame({"split": "isic2018_test", "synthetic": False, "malignant": pd.array(y, dtype="Int8"),
+                       "modality": "dermoscopy", "score_two_stage_mean": p})
+    rows = T.operating_point_rows(df, [("all", pd.Series(True, index=df.index))],
+                                  {"two_stage.mean": {"refer": 0.5, "urgent": 0.85}}, prevalences=(0.02,),
+                                  scores={"two_stage.mean": "score_two_stage_mean"})
+    refer = next(r for r in rows if r["point"] == "shipped_refer")
+    # p >= 0.5: TP = 3 (0.9, 0.8, 0.6), FP = 1 (0.7), FN = 1, TN = 5
+    assert (refer["tp"], refer["fp"], refer["fn"], refer["tn"]) == (3, 1, 1, 5)
+    sens, spec = 3 / 4, 5 / 6
+    assert refer["ppv_at_2pct"] == pytest.approx(sens * 0.02 / (sens * 0.02 + (1 - spec) * 0.98))
+    s95 = next(r for r in rows if r["point"] == "sensitivity_95")
+    assert s95["sensitivity"] == 1.0 and s95["threshold"] == pytest.approx(0.2)
+    assert s95["threshold_chosen_on"].startswith("this test group")
+
+
+def test_shipped_thresholds_read_from_metadata():
+    meta = {"triage": {"two_stage": {"thresholds": {"mean": {"refer": 0.2, "urgent": 0.6}}},
+                       "whole_image": {"thresholds": {"whole": {"refer": 0.3, "urgent": 0.7}}}}}
+    thr = T.shipped_thresholds(meta)
+    assert thr == {"two_stage.mean": {"refer": 0.2, "urgent": 0.6}, "direct.whole": {"refer": 0.3, "urgent": 0.7}}
+    assert T.shipped_thresholds({}) == {}
+
+
+def test_calibration_before_after_uses_raw_logit_and_temperature():
+    df = _images(80)
+    out = T.calibration_section(df, [("all", pd.Series(True, index=df.index))], temperature=2.0, n_boot=20)
+    g = out["groups"]["all"]
+    # 'after' = sigmoid(logit / T) must reproduce the stored calibrated p exactly
+    after_mean = np.nansum(np.array(g["after"]["mean_predicted"], dtype=float) * np.array(g["after"]["counts"])) / g["n"]
+    assert after_mean == pytest.approx(df["p_gt"].mean(), rel=1e-9)
+    assert g["ece_before"]["value"] != pytest.approx(g["ece_after"]["value"])
+    same = T.calibration_section(df, [("all", pd.Series(True, index=df.index))], temperature=1.0, logit_col="absent", n_boot=5)
+    assert same["groups"]["all"]["ece_before"]["value"] == pytest.approx(same["groups"]["all"]["ece_after"]["value"])
+
+
+def test_detection_metrics_toy_cases():
+    gt = [np.array([[10, 10, 20, 20], [50, 50, 60, 60]], float), np.array([[0, 0, 10, 10]], float)]
+    perfect = T.detection_metrics(gt, [g.copy() for g in gt], [np.array([0.9, 0.8]), np.array([0.7])], score_threshold=0.5)
+    assert perfect["map50"]["value"] == pytest.approx(1.0) and perfect["recall_iou0"]["value"] == 1.0
+    assert perfect["iou"]["median"] == pytest.approx(1.0)
+    # second image's box scores below the pipeline threshold: still in mAP, not in recall
+    low = T.detection_metrics(gt, [g.copy() for g in gt], [np.array([0.9, 0.8]), np.array([0.2])], score_threshold=0.5)
+    assert low["recall_iou0"]["n_found"] == 2 and low["recall_iou0"]["n"] == 3
+    assert low["map50"]["value"] == pytest.approx(1.0)
+    # the pipeline keeps at most max_kept boxes per image
+    capped = T.detection_metrics(gt, [g.copy() for g in gt], [np.array([0.9, 0.8]), np.array([0.7])], 0.5, max_kept=1)
+    assert capped["recall_iou0"]["n_found"] == 2 and capped["detections_per_image_kept"]["mean"] == 1.0
+
+
+def test_error_rows_list_worst_false_negatives_and_positives():
+    df = _images(40)
+    out = T.error_rows(df, [("all", pd.Series(True, index=df.index))], "gt_box", "p_gt", k=3)["all"]
+    mal = df[df["malignant"] == 1].sort_values("p_gt")
+    ben = df[df["malignant"] == 0].sort_values("p_gt", ascending=False)
+    assert [r["image_id"] for r in out["false_negatives"]] == mal["image_id"].head(3).tolist()
+    assert [r["image_id"] for r in out["false_positives"]] == ben["image_id"].head(3).tolist()
+
+
+def test_headline_has_every_named_key_in_metric_shape_and_statuses():
+    df = _images(80)
+    ctx = T.ReportContext(status={"classifier": "ok", "detector": "ok", "image_classifier": "ok",
+                                  "detector_c2": "not available: detector_c2 not trained"}, n_boot=50, n_boot_paired=50)
+    sections = {"lesion_level": T.lesion_level_section(df, df, ctx), "image_level": T.image_level_section(df, ctx),
+                "calibration": T.calibration_report(df, df, ctx), "detection": {"one_class": {}}}
+    out = T.headline(sections, df, ctx, {"command": "test"})
+    for key in HEADLINE_KEYS:
+        assert set(out[key]) >= {"value", "ci_low", "ci_high", "n", "split"}, key
+    assert out["lesion_auc"]["value"] == pytest.approx(roc_auc_score(df.loc[df["split"] == "isic2018_test", "malignant"].astype(int),
+                                                                      df.loc[df["split"] == "isic2018_test", "p_detected"]))
+    assert out["image_auc.one_step_c2.max"]["value"] is None and "not trained" in out["image_auc.one_step_c2.max"]["status"]
+    assert out["detection_map50"]["value"] is None  # no detection sets given
+    json.dumps(T.jsonable(out), allow_nan=False)
+    no_det = T.ReportContext(status={"classifier": "ok", "detector": "not available: detector not trained"})
+    out2 = T.headline(sections, df, no_det, {})
+    assert out2["lesion_auc"]["status"].startswith("not available: detector")
+    assert out2["image_auc.two_stage.mean"]["status"].startswith("not available: detector")
+    assert out2["lesion_auc_gt_boxes"]["value"] is not None
+
+
+def test_no_lesion_counts_and_fitzpatrick_note_is_honest():
+    df = _images(40)
+    counts = T.no_lesion_counts(df)
+    assert counts["isic2018_test"]["n_no_lesion"] == 1 and counts["isic2018_test"]["n_malignant_with_no_lesion"] == 0
+    assert "near zero" in T.fitzpatrick_note(0.03, 400) and "does not recover" in T.fitzpatrick_note(0.03, 400)
+    assert "expected direction" in T.fitzpatrick_note(-0.7, 400)
+    assert "undefined" in T.fitzpatrick_note(None, 2)
+
+
+def test_jsonable_cleans_nan_numpy_and_na():
+    obj = {"a": np.float32(1.5), "b": float("nan"), "c": [np.int64(2), pd.NA, (1, np.inf)], "d": np.bool_(True)}
+    assert T.jsonable(obj) == {"a": 1.5, "b": None, "c": [2, None, [1, None]], "d": True}
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding
+# ---------------------------------------------------------------------------------------------
+
+def test_embedding_keeps_separated_clusters_apart():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 1, (30, 64))
+    b = rng.normal(6, 1, (30, 64))
+    coords, info = embed_2d(np.vstack([a, b]), seed=0)
+    assert coords.shape == (60, 2) and info["method"] in ("pca+tsne", "pca+umap")
+    # nearest neighbour in the map belongs to the same cluster
+    d = np.linalg.norm(coords[:, None] - coords[None], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    labels = np.r_[np.zeros(30), np.ones(30)]
+    assert (labels[d.argmin(axis=1)] == labels).mean() > 0.95
+    with pytest.raises(ValueError, match="NaN"):
+        embed_2d(np.full((4, 3), np.nan))
+
+
+def test_embedding_table_drops_rows_without_features():
+    les = _images(12)
+    feats = np.random.default_rng(1).normal(size=(12, 8)).astype(np.float32)
+    feats[2] = np.nan
+    table, info = embedding_table(les, feats, seed=0)
+    assert len(table) == 11 and {"x", "y", "malignant", "subtype"} <= set(table.columns)
+    js = embedding_json(table)
+    assert len(js["x"]) == len(js["malignant"]) == 11
+
+
+# ---------------------------------------------------------------------------------------------
+# run.py without a network: sampling, cache, table building
+# ---------------------------------------------------------------------------------------------
+
+def test_sample_is_seeded_and_class_balanced():
+    rows = pd.DataFrame({"malignant": pd.array([1] * 10 + [0] * 90, dtype="Int8")})
+    a, b = _sample(rows, 20, seed=3), _sample(rows, 20, seed=3)
+    assert a.index.tolist() == b.index.tolist() and len(a) == 20
+    assert int(a["malignant"].sum()) == 10
+    assert len(_sample(rows, None, 0)) == 100
+
+
+def test_cache_roundtrip_and_invalidated_by_a_changed_file(tmp_path):
+    img = tmp_path / "a.jpg"
+    img.write_bytes(b"one")
+    cache = PredictionCache(tmp_path / "cache")
+    key = PredictionCache.stamp(str(img))
+    cache.put("det", "sha-1", key, {"v": 1})
+    cache.flush()
+    again = PredictionCache(tmp_path / "cache")
+    assert again.get("det", "sha-1", key) == {"v": 1}
+    assert again.get("det", "sha-2", key) is None  # another model
+    img.write_bytes(b"changed content")
+    assert PredictionCache.stamp(str(img)) != key
+
+
+def test_model_info_reports_missing_models(tmp_path):
+    info = model_info(tmp_path)
+    assert not info.ok("classifier") and "not trained" in info.status["classifier"]
+    (tmp_path / "classifier.safetensors").write_bytes(b"x")
+    (tmp_path / "metadata.json").write_text(json.dumps({"models": {"classifier": {"file": "classifier.safetensors",
+                                                                                  "sha256": "abc"}}}))
+    info = model_info(tmp_path)
+    assert info.ok("classifier") and info.sha256["classifier"] == "abc"
+    assert not info.ok("detector") and "detector not trained" in info.status["detector"]
+
+
+def test_build_tables_scene_matching_and_no_lesion_score():
+    info = ModelInfo({"models": {"classifier": {"temperature": 2.0}}},
+                     {"classifier": "c", "detector": "d"}, {"classifier": "ok", "detector": "ok"})
+    logit = lambda p: float(np.log(p / (1 - p)) * 2.0)  # noqa: E731 - raw logit for T = 2
+    scene = EvalItem("scenes_test", "s.jpg", "/x/s.jpg", "s", "synthetic_scenes", "synthetic_widefield", None, 1,
+                     gt_boxes=[[0, 0, 10, 10], [100, 100, 110, 110]], box_malignant=[1, 0], box_diagnosis=["MEL", "NV"],
+                     single_lesion=False, synthetic=True, detect_eval=True)
+    det = {"boxes": np.array([[1, 1, 9, 9], [300, 300, 310, 310], [0, 0, 1, 1]], np.float32),
+           "scores": np.array([0.9, 0.8, 0.1], np.float32)}
+    rec = ImageRecord(scene, (400, 400), {
+        "det": det,
+        "cls_det": {"index": np.array([0, 1]), "logit": np.array([logit(0.7), logit(0.2)]), "sub": np.full((2, 8), 0.125)},
+        "cls_gt": {"logit": np.array([logit(0.6), logit(0.1)]), "sub": np.full((2, 8), 0.125), "feat": np.ones((2, 4), np.float16)},
+    })
+    photo = EvalItem("isic2018_test", "i.jpg", "/x/i.jpg", "i", "isic2018_task3_test", "dermoscopy", "MEL", 1)
+    rec2 = ImageRecord(photo, (224, 224), {
+        "det": {"boxes": np.zeros((1, 4), np.float32), "scores": np.array([0.2], np.float32)},
+        "cls_det": {"index": np.zeros(0, int), "logit": np.zeros(0), "sub": np.zeros((0, 8))},
+        "cls_gt": {"logit": np.array([logit(0.9)]), "sub": np.full((1, 8), 0.125), "feat": np.ones((1, 4), np.float16)},
+    })
+    tabs = build_tables([rec, rec2], info, "mean", kept_threshold=0.5, max_lesions=30)
+    les, img = tabs.lesions, tabs.images
+    s = les[les["split"] == "scenes_test"].set_index("lesion_index")
+    assert s.loc[0, "p_gt"] == pytest.approx(0.6) and s.loc[0, "p_detected"] == pytest.approx(0.7) and s.loc[0, "detected"]
+    assert s.loc[1, "p_detected"] == 0.0 and not s.loc[1, "detected"]  # missed lesion scores 0
+    si = img[img["split"] == "scenes_test"].iloc[0]
+    assert si["score_two_stage_max"] == pytest.approx(0.7)
+    assert si["score_two_stage_mean"] == pytest.approx(0.45)
+    assert si["score_two_stage_noisy_or"] == pytest.approx(1 - 0.3 * 0.8)
+    assert si["n_detected"] == 2
+    pi = img[img["split"] == "isic2018_test"].iloc[0]
+    assert pi["no_lesion_detected"] and pi["score_two_stage_mean"] == 0.0
+    assert les[les["split"] == "isic2018_test"].iloc[0]["p_detected"] == 0.0
+    assert tabs.features.shape == (3, 4) and len(tabs.detections) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# orchestration with a network
+# ---------------------------------------------------------------------------------------------
+
+def _photo(path: Path, seed: int, size=(160, 120), blob=True) -> None:
+    rng = np.random.default_rng(seed)
+    arr = np.empty((size[1], size[0], 3), np.uint8)
+    arr[:] = (200 + rng.integers(-10, 10), 160 + rng.integers(-10, 10), 140)
+    arr = np.clip(arr.astype(int) + rng.integers(-8, 8, arr.shape), 0, 255).astype(np.uint8)
+    if blob:
+        yy, xx = np.mgrid[: size[1], : size[0]]
+        cx, cy = size[0] // 2 + rng.integers(-10, 10), size[1] // 2 + rng.integers(-10, 10)
+        arr[(xx - cx) ** 2 + (yy - cy) ** 2 < (20 + seed) ** 2] = (90 - 5 * seed, 60, 50)
+    Image.fromarray(arr).save(path, quality=92)
+
+
+def _items(root: Path) -> list[EvalItem]:
+    items = []
+    for i in range(4):
+        p = root / f"photo{i}.jpg"
+        _photo(p, i)
+        mal = i % 2
+        items.append(EvalItem("pad_ufes20_test", p.name, str(p), f"photo{i}", "pad_ufes20_subset", "smartphone",
+                              "MEL" if mal else "NV", mal, gt_boxes=[[50.0, 30.0, 110.0, 90.0]], box_malignant=[mal],
+                              box_diagnosis=["MEL" if mal else "NV"], detect_eval=True, biopsied=bool(i % 2),
+                              fitzpatrick=2 + i % 2))
+    for i in range(2):
+        p = root / f"isic{i}.jpg"
+        _photo(p, 10 + i, size=(96, 96))
+        items.append(EvalItem("isic2018_test", p.name, str(p), f"isic{i}", "isic2018_task3_test", "dermoscopy",
+                              "BCC" if i else "NV", i))
+    bad = root / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    items.append(EvalItem("isic2018_test", bad.name, str(bad), "broken", "isic2018_task3_test", "dermoscopy", "NV", 0))
+    return items
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Path:
+    """A random-weight classifier (no detector, no whole-image model): exercises every path that
+    needs a network in ~1 s per image on 2 cores."""
+    torch = pytest.importorskip("torch")
+    from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier
+    from lesiontriage.weights import save_weights, write_metadata
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("models")
+    cfg = ClassifierConfig(input_size=96)
+    sha = save_weights(LesionClassifier(cfg, pretrained=False).state_dict(), out / "classifier.safetensors")
+    write_metadata(out, {"models": {"classifier": {"file": "classifier.safetensors", "sha256": sha, "config": cfg.to_dict(),
+                                                   "temperature": 1.7}},
+                         "pipeline": {"torch_threads": 1}})
+    return out
+
+
+def test_evaluate_with_tiny_classifier_reproduces_pipeline_and_marks_missing_models(tiny_models, tmp_path):
+    from lesiontriage.evaluate.run import evaluate
+    from lesiontriage.pipeline import TriagePipeline
+
+    items = _items(tmp_path)
+    manifest = pd.DataFrame({"path": [it.path for it in items], "boxes": [it.gt_boxes for it in items]})
+    settings = EvalSettings(models_dir=tiny_models, out_dir=tmp_path / "reports", cache_dir=tmp_path / "cache", n_boot=30,
+                            n_boot_paired=30, n_boot_map=0, progress=False, pad_ita_all=False, command="pytest")
+    res = evaluate(settings, manifest=manifest, items=items)
+    img = pd.read_parquet(res.files["images"])
+    les = pd.read_parquet(res.files["lesions"])
+    assert (img.loc[img["image_id"] == "broken", "status"].iloc[0]).startswith("error:")
+    assert len(les) == 6  # every readable labelled photo has one ground-truth lesion
+
+    # the evaluation's ground-truth-crop probability equals the pipeline's own classify() on that crop
+    pipe = TriagePipeline.from_dir(tiny_models)
+    loaded = pipe.load(items[0].abs_path)
+    box = np.asarray(items[0].gt_boxes, np.float32) * loaded.scale
+    p_pipe, _ = pipe.classify(pipe._crop_batch(loaded.rgb, box, pipe.classifier.config))
+    assert les.loc[les["image_id"] == "photo0", "p_gt"].iloc[0] == pytest.approx(float(p_pipe[0]), abs=1e-5)
+
+    summary = json.loads((tmp_path / "reports" / "summary.json").read_text())
+    for key in HEADLINE_KEYS:
+        assert set(summary[key]) >= {"value", "ci_low", "ci_high", "n", "split"}, key
+    assert "not available: detector" in summary["lesion_auc"]["status"]
+    assert "not available: image_classifier" in summary["image_auc.direct.whole"]["status"]
+    det = json.loads((tmp_path / "reports" / "detection.json").read_text())
+    assert det["one_class"]["status"].startswith("not available: detector")
+    assert "detector_c2 not trained" in det["c2"]["status"]
+    prov = summary["provenance"]
+    assert prov["command"] == "pytest" and prov["model_sha256"]["classifier"] and prov["seed"] == 0
+    assert prov["manifest_hash"]
+    ll = json.loads((tmp_path / "reports" / "lesion_level.json").read_text())
+    gt_rows = [r for r in ll["metrics"] if r["score"] == "gt_box" and r["group"] == "split=pad_ufes20_test"]
+    assert gt_rows and gt_rows[0]["n"] == 4
+    # second run: everything from the cache, same numbers
+    res2 = evaluate(settings, manifest=manifest, items=items)
+    assert res2.n_computed == 1  # only the unreadable file is retried
+    les2 = pd.read_parquet(res2.files["lesions"])
+    assert np.allclose(les2["p_gt"], les["p_gt"])
+
+
+@pytest.mark.models
+def test_evaluate_with_shipped_models_matches_predict(tmp_path):
+    from lesiontriage.evaluate.run import evaluate, model_info
+    from lesiontriage.pipeline import TriagePipeline
+
+    info = model_info(MODELS_DIR)
+    if not (info.ok("classifier") and info.ok("detector")):
+        pytest.skip("shipped classifier + detector not in models/ yet")
+    items = _items(tmp_path)[:3]
+    manifest = pd.DataFrame({"path": [it.path for it in items], "boxes": [it.gt_boxes for it in items]})
+    settings = EvalSettings(models_dir=MODELS_DIR, out_dir=tmp_path / "reports", cache_dir=None, n_boot=20,
+                            n_boot_paired=20, n_boot_map=0, progress=False, pad_ita_all=False, embedding=False)
+    res = evaluate(settings, manifest=manifest, items=items)
+    img = pd.read_parquet(res.files["images"]).set_index("image_id")
+    pipe = TriagePipeline.from_dir(MODELS_DIR)
+    for it in items:
+        for agg in T.AGGREGATIONS:
+            expected = pipe.predict(it.abs_path, agg).image_score
+            assert img.loc[it.image_id, f"score_two_stage_{agg}"] == pytest.approx(expected, abs=1e-5), (it.image_id, agg)
+        if info.ok("image_classifier"):
+            whole = pipe.predict(it.abs_path, whole_image=True).image_score
+            assert img.loc[it.image_id, "score_direct_whole"] == pytest.approx(whole, abs=1e-5)
+    assert json.loads((tmp_path / "reports" / "summary.json").read_text())["provenance"]["model_sha256"]["detector"]

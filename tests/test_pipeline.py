@@ -1,0 +1,157 @@
+"""TriagePipeline + CLI on the shipped models (skipped until models/ holds trained weights)."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from lesiontriage.errors import ImageError, ModelError
+from lesiontriage.paths import MODELS_DIR
+
+pytestmark = pytest.mark.skipif(not (MODELS_DIR / "metadata.json").exists() or not (MODELS_DIR / "classifier.safetensors").exists(),
+                                reason="no trained models in models/ yet")
+
+
+def skin_photo(seed: int, size=(900, 700), n_spots: int = 3) -> np.ndarray:
+    """A generated skin-like photo with dark mole-like spots (no data set needed)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = np.array([200, 160, 140], dtype=np.float32) + rng.normal(0, 8, 3)
+    img = np.clip(base + rng.normal(0, 4, (h, w, 3)), 0, 255).astype(np.uint8)
+    for _ in range(n_spots):
+        cx, cy = int(rng.uniform(0.15, 0.85) * w), int(rng.uniform(0.15, 0.85) * h)
+        r = int(rng.uniform(0.03, 0.08) * w)
+        colour = tuple(int(c) for c in rng.uniform([40, 25, 20], [110, 70, 55]))
+        cv2.ellipse(img, (cx, cy), (r, int(r * rng.uniform(0.7, 1.0))), float(rng.uniform(0, 180)), 0, 360, colour, -1)
+    return cv2.GaussianBlur(img, (5, 5), 1.2)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from lesiontriage import TriagePipeline
+
+    return TriagePipeline.from_dir()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[Path]:
+    d = tmp_path_factory.mktemp("photos")
+    paths = []
+    for i in range(4):
+        p = d / f"photo_{i}.jpg"
+        Image.fromarray(skin_photo(i)).save(p, quality=92)
+        paths.append(p)
+    return paths
+
+
+def test_predict_path_bytes_and_pil_agree(pipe, photos):
+    p = photos[0]
+    a = pipe.predict(p)
+    b = pipe.predict(p.read_bytes(), name=p.name)
+    c = pipe.predict(Image.open(p))
+    assert a.n_lesions == b.n_lesions == c.n_lesions
+    assert a.image_score == pytest.approx(b.image_score, abs=1e-5)
+    assert a.image_score == pytest.approx(c.image_score, abs=1e-5)
+
+
+def test_result_is_well_formed(pipe, photos):
+    res = pipe.predict(photos[1])
+    assert res.width == 900 and res.height == 700
+    assert 0.0 <= res.image_score <= 1.0
+    assert res.tier.name in {"routine", "refer", "urgent"} and res.tier.reason
+    for les in res.lesions:
+        x1, y1, x2, y2 = les.box
+        assert 0 <= x1 < x2 <= 900 + 1 and 0 <= y1 < y2 <= 700 + 1
+        assert 0 <= les.p_malignant <= 1 and 0 <= les.detector_score <= 1
+        assert sum(les.subtypes.values()) == pytest.approx(1.0, abs=1e-4)
+    assert {"decode", "detect", "classify"} <= set(res.timings_ms)
+    d = json.loads(res.to_json())
+    assert d["n_lesions"] == res.n_lesions and "research" in d["intended_use"].lower()
+
+
+def test_reaggregate_orders_scores_without_rerunning(pipe, photos):
+    res = pipe.predict(photos[2], "mean")
+    if res.n_lesions < 2:
+        pytest.skip("need two lesions to compare aggregations")
+    mx = pipe.reaggregate(res, "max")
+    nor = pipe.reaggregate(res, "noisy_or")
+    assert mx.lesions is res.lesions
+    assert res.image_score <= mx.image_score + 1e-9 <= nor.image_score + 2e-9
+    assert mx.image_score == pytest.approx(max(l.p_malignant for l in res.lesions))
+
+
+def test_unknown_aggregation_is_refused(pipe, photos):
+    with pytest.raises(ValueError, match="noisy_or"):
+        pipe.predict(photos[0], "median")
+
+
+def test_predict_batch_keeps_going_after_a_bad_file(pipe, photos, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image at all")
+    out = pipe.predict_batch([photos[0], bad, photos[1]])
+    assert len(out) == 3
+    assert isinstance(out[1], ImageError) and "broken.jpg" in str(out[1])
+    assert not isinstance(out[0], ImageError) and not isinstance(out[2], ImageError)
+
+
+def test_parallel_predictions_equal_serial(pipe, photos):
+    serial = [pipe.predict(p).image_score for p in photos * 2]
+    with ThreadPoolExecutor(8) as pool:
+        parallel = list(pool.map(lambda p: pipe.predict(p).image_score, photos * 2))
+    assert parallel == pytest.approx(serial, abs=1e-6)
+
+
+def test_gradcam_overlay_has_crop_shape(pipe, photos):
+    res = pipe.predict(photos[0])
+    if not res.lesions:
+        pytest.skip("no lesion detected")
+    cam = pipe.gradcam(photos[0], 0, result=res)
+    size = pipe.classifier.config.input_size
+    assert cam.shape == (size, size, 3) and cam.dtype == np.uint8
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    from lesiontriage import TriagePipeline
+
+    copy = tmp_path / "models"
+    shutil.copytree(MODELS_DIR, copy, ignore=shutil.ignore_patterns("reports"))
+    target = copy / "classifier.safetensors"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    expected = json.loads((copy / "metadata.json").read_text())["models"]["classifier"]["sha256"]
+    with pytest.raises(ModelError) as err:
+        TriagePipeline.from_dir(copy)
+    assert "classifier.safetensors" in str(err.value) and expected[:12] in str(err.value)
+
+
+def test_cli_predict_folder_with_a_bad_file(photos, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in photos[:2]:
+        shutil.copy(p, folder / p.name)
+    (folder / "zero.jpg").write_bytes(b"")
+    out = tmp_path / "results.csv"
+    proc = subprocess.run([sys.executable, "-m", "lesiontriage.cli", "predict", str(folder), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    err_lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(err_lines) == 1 and "zero.jpg" in err_lines[0]
+    df = pd.read_csv(out)
+    assert list(df.columns) == ["image", "status", "image_score", "tier", "n_lesions", "lesions"]
+    assert len(df) == 3
+    bad = df[df["image"].str.endswith("zero.jpg")].iloc[0]
+    assert bad["status"].startswith("error:")
+    good = df[df["status"] == "ok"]
+    assert len(good) == 2 and all(isinstance(json.loads(x), list) for x in good["lesions"])
