@@ -68,14 +68,16 @@ DATA_LICENCES: dict[str, str] = {
 }
 NO_MODEL_HELP = (
     "The app needs trained weights in `models/` (`*.safetensors` + `metadata.json`). Either get a "
-    "copy of the repository that ships them (`git pull`), or train and export them yourself:\n\n"
-    "```bash\n"
+    "copy of the repository that ships them (`git pull`), or train and export them yourself "
+    "(each run writes its best weights to `models/`):"
+)
+NO_MODEL_COMMANDS = (
     "lesiontriage data build\n"
     "lesiontriage train detector\n"
     "lesiontriage train classifier\n"
-    "```\n"
-    "Then reload this page. Set `LESIONTRIAGE_MODELS=/path/to/models` to use another folder."
+    "lesiontriage train tiers        # triage thresholds, chosen on validation images"
 )
+NO_MODEL_AFTER = "Then reload this page. Set `LESIONTRIAGE_MODELS=/path/to/models` to use another folder."
 
 # Continuous malignancy colour scale (green -> amber -> red). Chosen over RdYlGn because its pale
 # yellow middle vanishes on light skin; every box also gets a dark halo so it shows on any skin.
@@ -276,6 +278,16 @@ def png_bytes(image: np.ndarray | Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def shrink(rgb: np.ndarray, max_side: int) -> np.ndarray:
+    """Downscale so the long side is <= ``max_side`` (cached crops stay small); never upscales."""
+    h, w = rgb.shape[:2]
+    if max(h, w) <= max_side:
+        return rgb
+    im = Image.fromarray(np.asarray(rgb, dtype=np.uint8))
+    im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return np.asarray(im)
+
+
 def thumbnail_data_url(rgb: np.ndarray, size: int = 96) -> str:
     """A small PNG data URL for a table cell (st.column_config.ImageColumn renders it)."""
     im = Image.fromarray(np.asarray(rgb, dtype=np.uint8)).convert("RGB")
@@ -387,7 +399,7 @@ SYNTHETIC_SEEDS: tuple[int, ...] = (1, 2)
 def synthetic_examples() -> list[Example]:
     return [Example(key=f"synthetic:{s}", label=f"Synthetic wide-field scene (seed {s}) - SYNTHETIC, generated",
                     source="synthetic", synthetic=True, seed=s,
-                    note="Generated demo scene: synthetic, not a real patient. Lesions pasted onto generated skin.")
+                    note="Generated demo scene: synthetic, not a real patient.")
             for s in SYNTHETIC_SEEDS]
 
 
@@ -415,7 +427,8 @@ def data_examples(root: Path | None = None, per_set: int = 3) -> list[Example]:
             for _, r in rows.iterrows():
                 out.append(Example(key=f"pad_ufes20_subset:{r['file']}", source="pad_ufes20_subset",
                                    label=f"PAD-UFES-20 smartphone photo, {Path(r['file']).stem} (label: {dx}, biopsied)",
-                                   note=f"PAD-UFES-20 (CC BY 4.0). Ground-truth label: {dx}.",
+                                   note=f"PAD-UFES-20 (CC BY 4.0). Ground-truth label: {dx}. May be in the training data, "
+                                        "so a good result here is not evidence of accuracy.",
                                    path=root / "pad_ufes20_subset" / r["file"]))
     d7 = root / "derm7pt" / "metadata.csv"
     if d7.is_file() and (df := _read_csv(d7)) is not None and {"clinic_file", "diagnosis"} <= set(df.columns):
@@ -428,7 +441,8 @@ def data_examples(root: Path | None = None, per_set: int = 3) -> list[Example]:
             for _, r in rows.iterrows():
                 out.append(Example(key=f"derm7pt:{r['clinic_file']}", source="derm7pt",
                                    label=f"derm7pt clinical photo, {Path(r['clinic_file']).stem} (label: {r['diagnosis']})",
-                                   note=f"derm7pt (academic research only). Ground-truth label: {r['diagnosis']}.",
+                                   note=f"derm7pt (academic research only), official test split. Ground-truth label: "
+                                        f"{r['diagnosis']}.",
                                    path=root / "derm7pt" / r["clinic_file"]))
     moles = root / "moles_widefield_roujiaw" / "metadata.csv"
     if moles.is_file() and (df := _read_csv(moles)) is not None and "file" in df.columns:
@@ -438,7 +452,8 @@ def data_examples(root: Path | None = None, per_set: int = 3) -> list[Example]:
             n = int(r["n_boxes"]) if "n_boxes" in df.columns else None
             out.append(Example(key=f"moles_widefield_roujiaw:{r['file']}", source="moles_widefield_roujiaw",
                                label=f"Wide-field mole photo, {Path(r['file']).stem}" + (f" ({n} annotated moles)" if n else ""),
-                               note="Wide-field mole photos (licence unknown: internal research use). No diagnosis labels.",
+                               note="Wide-field mole photos (licence unknown: internal research use). No diagnosis labels; "
+                                    "may be in the detector's training data.",
                                path=root / "moles_widefield_roujiaw" / r["file"]))
     return [e for e in out if e.path is not None and e.path.is_file()]
 
@@ -625,6 +640,37 @@ def load_metadata(models: Path | None = None) -> dict[str, Any] | None:
 def model_installed(models: Path | None = None) -> bool:
     meta = load_metadata(models)
     return bool(meta and isinstance(meta.get("models"), dict) and "classifier" in meta["models"])
+
+
+DATA_SET_DESCRIPTIONS: dict[str, str] = {
+    "ham10000": "HAM10000: dermoscopy (stored 200x150)",
+    "isic2018_task3_test": "ISIC 2018 Task 3 test: dermoscopy (224x224, squashed); test only",
+    "pad_ufes20_subset": "PAD-UFES-20 subset: smartphone photos (Brazil), Fitzpatrick recorded",
+    "derm7pt": "derm7pt: clinical + dermoscopy pairs, official split",
+    "sd198_tumour_subset": "SD-198 tumour subset (DermQuest): clinical photos",
+    "moles_widefield_roujiaw": "Wide-field mole photos: boxes only, no diagnosis",
+    "synthetic_scenes": "Synthetic wide-field scenes generated from the sets above (synthetic)",
+}
+
+
+def _split_counts(d: Any) -> str:
+    return ", ".join(f"{k} {v}" for k, v in d.items()) if isinstance(d, dict) else ""
+
+
+def training_data_table(data_report: dict[str, Any] | None, licences: dict[str, str]) -> pd.DataFrame:
+    """One row per data set: description, licence and, when ``data_report.json`` exists, its counts."""
+    per_source = (data_report or {}).get("per_source") or {}
+    names = list(dict.fromkeys([*per_source, *licences]))
+    rows = []
+    for name in names:
+        info = per_source.get(name, {}) if isinstance(per_source.get(name), dict) else {}
+        rows.append({
+            "data set": DATA_SET_DESCRIPTIONS.get(name, name), "licence": licences.get(name, "see SOURCE.md"),
+            "images": info.get("images", ""), "lesions / groups": info.get("groups", ""),
+            "images by split": _split_counts(info.get("by_split")),
+            "malignant by split": _split_counts(info.get("malignant_by_split")), "boxes": info.get("boxes", ""),
+        })
+    return pd.DataFrame(rows)
 
 
 # ---- walking report JSON for tables and figures --------------------------------------------------

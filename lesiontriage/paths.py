@@ -28,3 +28,11 @@ def data_available(explicit: str | os.PathLike | None = None) -> bool:
     """True when the data root exists and holds at least one set (tests skip otherwise)."""
     root = data_root(explicit)
     return root.is_dir() and any((root / d / "metadata.csv").is_file() for d in os.listdir(root))
+
+
+def models_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The models folder: argument, else $LESIONTRIAGE_MODELS, else the shipped ``models/``."""
+    if explicit:
+        return Path(explicit).expanduser()
+    env = os.environ.get("LESIONTRIAGE_MODELS")
+    return Path(env).expanduser() if env else MODELS_DIR

@@ -22,7 +22,7 @@ from lesiontriage.errors import ImageError, ModelError
 from lesiontriage.imaging import LoadedImage, assess_quality, crop_with_margin, load_image
 from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier, MalignantLogitOnly
 from lesiontriage.networks.detector import DetectorConfig, build_detector
-from lesiontriage.paths import MODELS_DIR
+from lesiontriage.paths import models_dir as resolve_models_dir
 from lesiontriage.results import Lesion, Tier, TriageResult
 from lesiontriage.weights import load_weights, read_metadata
 
@@ -69,8 +69,8 @@ class TriagePipeline:
     # ---- loading ----------------------------------------------------------------------------------
     @classmethod
     def from_dir(cls, path: str | Path | None = None, *, load_image_classifier: bool = True) -> "TriagePipeline":
-        """Load the shipped models (default ``models/``), verifying every file's sha256."""
-        models_dir = Path(path) if path else MODELS_DIR
+        """Load the models (default $LESIONTRIAGE_MODELS, else the shipped ``models/``), verifying sha256."""
+        models_dir = resolve_models_dir(path)
         meta = read_metadata(models_dir)
         models = meta.get("models", {})
         if "classifier" not in models:

@@ -119,22 +119,15 @@ st.header("6. Training data and licences")
 licences = dict(sup.DATA_LICENCES)
 if meta is not None and isinstance(meta.get("training_data_licences"), dict):
     licences.update(meta["training_data_licences"])
-described = {
-    "ham10000": "HAM10000, dermoscopy, 10,015 images (stored 200x150)",
-    "isic2018_task3_test": "ISIC 2018 Task 3 test, dermoscopy, 1,512 images (224x224, squashed); test only",
-    "pad_ufes20_subset": "PAD-UFES-20 subset, smartphone photos (Brazil), 745 images, Fitzpatrick recorded",
-    "derm7pt": "derm7pt, clinical + dermoscopy pairs, 1,011 cases, official split",
-    "sd198_tumour_subset": "SD-198 tumour subset (DermQuest), clinical photos, 300 images",
-    "moles_widefield_roujiaw": "Wide-field mole photos, 170 images, boxes only (no diagnosis)",
-    "synthetic_scenes": "Synthetic wide-field scenes generated from the sets above",
-}
-st.dataframe(pd.DataFrame([{"data set": described.get(k, k), "licence": v} for k, v in licences.items()]),
+data_report = reports.get("data_report")
+st.dataframe(sup.training_data_table(data_report.data if data_report else None, licences).astype(str),
              hide_index=True, width="stretch")
+if data_report is not None:
+    ui.provenance_caption(data_report, "Counts")
 st.markdown("Models trained on CC BY-NC and research-only data are for **non-commercial research and education "
             "only**. No data-set image is shipped with the software.")
-data_report = reports.get("data_report")
 if data_report is not None:
-    with st.expander("Data report (manifest counts)"):
+    with st.expander("Data report: label decisions, splits, duplicates"):
         ui.provenance_caption(data_report)
         ui.render_report(data_report, key="card-")
 else:

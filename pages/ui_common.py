@@ -88,6 +88,8 @@ def show_load_failure(failure: sup.LoadFailure) -> None:
         st.header("The pipeline could not be started")
         st.error(failure.message)
     st.markdown(sup.NO_MODEL_HELP)
+    st.code(sup.NO_MODEL_COMMANDS, language="bash")
+    st.markdown(sup.NO_MODEL_AFTER)
     st.caption("The Evaluation and Model card pages still work and say what is missing.")
 
 
@@ -102,7 +104,7 @@ def predict_cached(data: bytes, name: str, whole_image: bool, model_key: str) ->
     return pipe.predict(data, aggregate="mean", whole_image=whole_image, name=name)
 
 
-@st.cache_data(max_entries=32, show_spinner=False)
+@st.cache_data(max_entries=16, show_spinner=False)
 def display_image(data: bytes, width: int, height: int, max_side: int = 1600) -> tuple[np.ndarray, str]:
     """The photo for display; if this decoder cannot show a file the pipeline accepted, a grey canvas
     of the same shape (the boxes and numbers stay right) and a warning, never a crash."""
@@ -115,7 +117,7 @@ def display_image(data: bytes, width: int, height: int, max_side: int = 1600) ->
         return canvas, f"The photo itself cannot be shown here ({type(exc).__name__}); boxes are drawn on a grey canvas."
 
 
-@st.cache_data(max_entries=32, show_spinner=False)
+@st.cache_data(max_entries=16, show_spinner=False)
 def lesion_crops(data: bytes, name: str, whole_image: bool, model_key: str, _result: Any) -> list[np.ndarray]:
     """pipe.crop for every lesion (decoding the photo once when the pipeline allows it)."""
     pipe, _ = pipeline_or_failure()
@@ -127,7 +129,7 @@ def lesion_crops(data: bytes, name: str, whole_image: bool, model_key: str, _res
             source = pipe.load(data, name=name)
         except Exception:  # fall back to the documented call
             source = data
-    return [np.asarray(pipe.crop(source, lesion), dtype=np.uint8) for lesion in _result.lesions]
+    return [sup.shrink(np.asarray(pipe.crop(source, lesion), dtype=np.uint8), 256) for lesion in _result.lesions]
 
 
 @st.cache_data(max_entries=32, show_spinner=False)

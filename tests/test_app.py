@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,7 +190,8 @@ def test_no_model_triage_page_explains_how_to_get_models(empty_models):
     text = texts(at)
     assert INTENDED_USE in text  # above the page content on every page
     assert "No model installed yet" in text
-    assert "lesiontriage train" in text and "LESIONTRIAGE_MODELS" in text
+    assert "LESIONTRIAGE_MODELS" in text
+    assert "lesiontriage train classifier" in at.code[0].value
     assert "Traceback" not in text
     assert not at.file_uploader  # nothing to upload into without a model
 
@@ -400,14 +400,15 @@ def test_evaluation_page_renders_reports_with_provenance(empty_models):
     (rep / "lesion_malignancy.json").write_text(json.dumps({**prov, "strata": {
         "all": {"auc": 0.9, "roc": {"fpr": [0, 0.1, 1], "tpr": [0, 0.8, 1]}, "pr": {"recall": [0, 0.5, 1], "precision": [1, 0.9, 0.3]}},
     }, "calibration": {"ece": 0.03, "mean_predicted": [0.1, 0.5, 0.9], "observed_frequency": [0.12, 0.45, 0.88]},
-        "confusion": {"matrix": [[10, 2], [3, 7]], "labels": ["benign", "malignant"]}}))
+        "confusion": {"matrix": [[10, 2], [3, 7]], "labels": ["benign", "malignant"]},
+        "embedding": {"x": list(range(12)), "y": [i % 5 for i in range(12)], "subtype": ["MEL", "NV", "BCC"] * 4}}))
     at = app_test().run()
     at.switch_page("pages/evaluation.py").run()
     assert not at.exception, at.exception
     text = texts(at)
     assert "No report yet" not in text
     assert "lesiontriage evaluate --out models/reports" in text and "abcdef123456" in text
-    assert len(at.get("plotly_chart")) == 4  # ROC, PR, reliability, confusion
+    assert len(at.get("plotly_chart")) == 5  # ROC, PR, reliability, confusion, embedding map
     assert at.dataframe[0].value["value"].iloc[0] == pytest.approx(0.91)
 
 
@@ -570,8 +571,7 @@ def test_reports_missing_malformed_and_provenance(tmp_path):
 
 
 def test_config_disables_usage_stats_and_runs_headless():
-    import tomllib
-
+    tomllib = pytest.importorskip("tomllib")
     cfg = tomllib.loads((REPO_ROOT / ".streamlit" / "config.toml").read_text())
     assert cfg["browser"]["gatherUsageStats"] is False
     assert cfg["server"]["headless"] is True

@@ -373,6 +373,7 @@ def test_no_model_page_in_the_browser(browser, tmp_path):
         page.goto(server.url, wait_until="domcontentloaded")
         expect(page.get_by_text("No model installed yet", exact=True)).to_be_visible(timeout=60_000)
         expect(page.get_by_text("Intended use:")).to_be_visible()
+        expect(page.locator('[data-testid="stCode"]')).to_contain_text("lesiontriage train classifier")
         assert page.locator('[data-testid="stException"]').count() == 0
         page.screenshot(path=str(ARTIFACTS / "e2e_no_model.png"))
         ctx.close()
