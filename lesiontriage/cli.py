@@ -88,10 +88,47 @@ def evaluate_cmd(
             continue
         v = m.get("value")
         ci = f"{m['ci_low']:.3f}-{m['ci_high']:.3f}" if m.get("ci_low") is not None and m.get("ci_high") is not None else ""
+        where = str(m.get("status") or m.get("split") or "")
         table.add_row(key, f"{v:.3f}" if isinstance(v, (int, float)) else "-", ci, str(m.get("n") or ""),
-                      str(m.get("status") or m.get("split") or ""))
+                      where if len(where) <= 60 else where[:57] + "...")
     console.print(table)
     console.print(f"reports: {res.out_dir}")
+
+
+# ---- data scenes (owner: scenes; lesiontriage/data/scenes.py) ---------------------------------
+@data_app.command("scenes")
+def data_scenes(
+    n: int = typer.Option(..., "--n", min=1, help="Number of scenes"),
+    seed: int = typer.Option(0, "--seed", help="Scene i of (split, seed) is always the same image"),
+    split: str = typer.Option("train", "--split", help="train | val | test: lesions and backgrounds from this manifest split only"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/scenes/<split>/)"),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest parquet (default runs/data/manifest.parquet)"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Shared data folder"),
+    long_side: int = typer.Option(2048, "--long-side", min=256, help="Nominal long side in px (each scene x0.8-1.3)"),
+    workers: int = typer.Option(2, "--workers", min=1, help="Processes (run under `nice` next to training)"),
+) -> None:
+    """Generate SYNTHETIC wide-field phone photos: real lesions pasted onto real skin, with boxes and labels."""
+    from rich.progress import Progress
+
+    from lesiontriage.data.scenes import generate_scenes
+    from lesiontriage.errors import DataError
+
+    if split not in ("train", "val", "test"):
+        _fail(f"--split {split!r}: choose train, val or test")
+    try:
+        with Progress(console=err_console, transient=True) as bar:
+            task = bar.add_task(f"SYNTHETIC {split} scenes", total=n)
+            res = generate_scenes(n, seed=seed, split=split, out_dir=out, manifest=manifest, data_root=data_root,
+                                  long_side=long_side, workers=workers, command=" ".join(["lesiontriage", *sys.argv[1:]]),
+                                  progress=lambda done, total: bar.update(task, completed=done))
+    except DataError as exc:
+        _fail(str(exc))
+    idx = res.index
+    n_mal = int(sum(sum(1 for m in v if m == 1) for v in idx["box_malignant"]))
+    n_pasted = int(idx["n_pasted"].sum())
+    console.print(f"{len(idx)} SYNTHETIC {split} scenes in {res.seconds:.1f} s ({res.workers} workers): "
+                  f"{n_pasted} pasted lesions ({n_mal} malignant), {int(idx['n_background_moles'].sum())} background moles")
+    console.print(f"index: {res.index_path}")
 
 
 # ---- more commands are registered below (scenes, train, predict, evaluate, bench) -------------

@@ -257,6 +257,29 @@ def test_cache_roundtrip_and_invalidated_by_a_changed_file(tmp_path):
     assert PredictionCache.stamp(str(img)) != key
 
 
+def test_scene_index_adapter_reads_relative_paths_box_labels_and_caps(tmp_path):
+    from lesiontriage.evaluate.run import scene_items
+
+    (tmp_path / "scenes" / "test" / "img").mkdir(parents=True)
+    rows = []
+    for i in range(5):
+        rows.append({"path": f"img/scene_{i}.jpg", "scene_id": f"scene_{i}",
+                     "boxes": [[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0], [40.0, 40.0, 45.0, 45.0]],
+                     "box_malignant": [i % 2, 0, None], "box_diagnosis": ["MEL" if i % 2 else "NV", "NV", None],
+                     "box_kind": ["pasted", "pasted", "background_mole"], "synthetic": True})
+    index = tmp_path / "scenes" / "test" / "scenes.parquet"
+    pd.DataFrame(rows).to_parquet(index)
+    items, why = scene_items(EvalSettings(scenes_index=index, scenes_max=3))
+    assert why == "" and len(items) == 3
+    it = items[0]
+    assert it.synthetic and it.split == "scenes_test" and not it.single_lesion and it.detect_eval
+    assert Path(it.abs_path) == (tmp_path / "scenes" / "test" / it.path).resolve()
+    assert it.box_malignant[2] is None and it.box_diagnosis[2] is None  # background mole: label unknown
+    assert it.malignant == int(any(m == 1 for m in it.box_malignant if m is not None))
+    missing, why = scene_items(EvalSettings(scenes_index=tmp_path / "nope.parquet"))
+    assert missing == [] and "not built" in why
+
+
 def test_model_info_reports_missing_models(tmp_path):
     info = model_info(tmp_path)
     assert not info.ok("classifier") and "not trained" in info.status["classifier"]

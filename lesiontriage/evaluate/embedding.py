@@ -26,7 +26,18 @@ def embed_2d(features: np.ndarray, seed: int = 0, method: str = "auto") -> tuple
     """(N, 2) coordinates of (N, F) features and a description of how they were made.
 
     ``method``: 'auto' (UMAP if installed, else PCA -> t-SNE), 'tsne', 'umap' or 'pca'. Fewer than
-    5 points: PCA only (t-SNE needs perplexity < N)."""
+    5 points: PCA only (t-SNE needs perplexity < N).
+
+    Runs with one BLAS / OpenMP thread: in a process that has run torch, scikit-learn's OpenMP
+    t-SNE fights torch's spinning OpenMP threads and was measured ~150x slower (37 s instead of
+    0.24 s for 60 points; 50 s instead of 12 s for 2,700)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        return _embed_2d(features, seed, method)
+
+
+def _embed_2d(features: np.ndarray, seed: int, method: str) -> tuple[np.ndarray, dict[str, Any]]:
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"embed_2d: expected (N, F) features with N > 0, got shape {x.shape}")

@@ -72,8 +72,9 @@ class EvalSettings:
     seed: int = 0
     n_boot: int = 1000
     n_boot_paired: int = 2000
-    n_boot_map: int = 100
-    ham_detection_max: int = 400  # HAM10000 val images (one per lesion) for the dermoscopy box metrics
+    n_boot_map: int = 50
+    ham_detection_max: int = 300  # HAM10000 val images (one per lesion) for the dermoscopy box metrics
+    scenes_max: int = 150  # synthetic test scenes (seeded sample; each holds many lesions)
     pad_ita_all: bool = True  # ITA vs Fitzpatrick on every PAD-UFES-20 row with a type (model-free)
     embedding: bool = True
     workers: int = 1
@@ -246,12 +247,16 @@ def scene_items(settings: EvalSettings) -> tuple[list[EvalItem], str]:
             df = pd.read_parquet(index)
     except Exception as exc:  # malformed index: report, do not crash the whole evaluation
         return [], f"{index}: unreadable scene index ({exc.__class__.__name__}: {exc})"
-    if settings.limit:
-        df = df.sample(min(len(df), settings.limit), random_state=settings.seed).sort_index()
+    cap = min(settings.scenes_max, settings.limit) if settings.limit else settings.scenes_max
+    if cap and len(df) > cap:
+        df = df.sample(cap, random_state=settings.seed).sort_index()
     items: list[EvalItem] = []
     for i, r in df.iterrows():
         p = Path(str(r["path"]))
-        abs_p = p if p.is_absolute() else next((c for c in (index.parent / p, paths.REPO_ROOT / p) if c.exists()), index.parent / p)
+        if r.get("abs_path"):  # lesiontriage.data.scenes.load_scene_index resolves it
+            abs_p = Path(str(r["abs_path"]))
+        else:  # 'path' is relative to the folder holding scenes.parquet
+            abs_p = p if p.is_absolute() else index.parent / p
         boxes = [list(map(float, b)) for b in (r.get("boxes") if r.get("boxes") is not None else [])]
         mal, dx = _scene_label_lists(r, len(boxes))
         known = [m for m in mal if m is not None]
@@ -694,133 +699,164 @@ class Tables:
     features: np.ndarray  # pooled features of the lesions table's rows (NaN rows where not computed)
 
 
+@dataclass
+class _Kept:
+    """The detections the pipeline keeps for one image and their classification."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    p: np.ndarray
+    sub: np.ndarray
+
+
+def _kept(st: dict[str, Any], t_cls: float, kept_threshold: float, max_lesions: int) -> _Kept | None:
+    det = st.get("det")
+    if det is None:
+        return None
+    keep = kept_index(det["scores"], kept_threshold, max_lesions)
+    cls_det = st.get("cls_det")
+    p = _sigmoid(np.asarray(cls_det["logit"], float) / t_cls) if cls_det is not None else np.zeros(0)
+    sub = np.asarray(cls_det["sub"], float) if cls_det is not None else np.zeros((0, len(SUBTYPES)))
+    return _Kept(det["boxes"][keep], det["scores"][keep], p, sub)
+
+
+def _image_row(rec: ImageRecord, kept: _Kept | None, t_img: float, kept_threshold: float) -> dict[str, Any]:
+    """One row of predictions_images.parquet (without the ground-truth-crop columns)."""
+    it, st = rec.item, rec.stages
+    ita = st.get("ita") or {}
+    row: dict[str, Any] = {
+        "split": it.split, "path": it.path, "image_id": it.image_id, "source": it.source, "modality": it.modality,
+        "synthetic": it.synthetic, "diagnosis": it.diagnosis, "malignant": it.malignant, "biopsied": it.biopsied,
+        "fitzpatrick": it.fitzpatrick, "pair_id": it.pair_id, "status": f"error: {rec.error}" if rec.error else "ok",
+        "width": rec.size[0] if rec.size else None, "height": rec.size[1] if rec.size else None, "n_gt": len(it.gt_boxes),
+        "seconds": float(sum(rec.seconds.values())) if rec.seconds else float("nan"), "from_cache": rec.cached,
+        "ita": ita.get("ita"), "ita_category": ita.get("category"), "ita_ok": ita.get("ok"), "ita_reason": ita.get("reason"),
+    }
+    if kept is not None:
+        scores = st["det"]["scores"]
+        row["det_max_score"] = float(scores.max()) if len(scores) else 0.0
+        row["n_detected"] = int(len(kept.boxes))
+        row["no_lesion_detected"] = bool(len(kept.boxes) == 0)
+        if "cls_det" in st:
+            for agg in T.AGGREGATIONS:
+                row[T.IMAGE_SCORE_COLUMNS[f"two_stage.{agg}"]] = _aggregate(kept.p, agg)
+            row["p_detected_max"] = float(kept.p.max()) if len(kept.p) else 0.0
+    whole = st.get("whole")
+    if whole is not None:
+        z = float(np.asarray(whole["logit"]).reshape(-1)[0])
+        row[T.IMAGE_SCORE_COLUMNS["direct.whole"]] = float(_sigmoid(z / t_img))
+        row["logit_direct_whole"] = z
+    c2 = st.get("c2")
+    if c2 is not None:  # one-step C=2: image score from the kept malignant-class boxes (label 2)
+        mal = (c2["labels"] == 2) & (c2["scores"] >= kept_threshold)
+        for agg in T.AGGREGATIONS:
+            row[T.IMAGE_SCORE_COLUMNS[f"one_step_c2.{agg}"]] = _aggregate(c2["scores"][mal], agg)
+    return row
+
+
+def _detection_rows(rec: ImageRecord, kept: _Kept) -> list[dict[str, Any]]:
+    """predictions_detections.parquet rows: every kept detection with its p and best IoU with a GT box."""
+    it = rec.item
+    iou = _iou_matrix(kept.boxes, np.asarray(it.gt_boxes, float).reshape(-1, 4))
+    rows = []
+    for j, b in enumerate(kept.boxes):
+        rows.append({"split": it.split, "path": it.path, "image_id": it.image_id, "source": it.source,
+                     "modality": it.modality, "synthetic": it.synthetic, "det_index": j,
+                     "x1": float(b[0]), "y1": float(b[1]), "x2": float(b[2]), "y2": float(b[3]),
+                     "detector_score": float(kept.scores[j]),
+                     "p_malignant": float(kept.p[j]) if j < len(kept.p) else None,
+                     "top_subtype": SUBTYPES[int(np.argmax(kept.sub[j]))] if j < len(kept.sub) else None,
+                     "best_iou_gt": float(iou[j].max()) if iou.shape[1] else None,
+                     "matched_gt": int(iou[j].argmax()) if iou.shape[1] and iou[j].max() > 0 else None})
+    return rows
+
+
+def _detected_score(it: EvalItem, k: int, crop_boxes: list | None, kept: _Kept, image_score: float) -> dict[str, Any]:
+    """The detected-path score of ground-truth lesion k: for a single-lesion photo the product's
+    image score (and its best lesion); for a scene lesion the best-overlapping kept detection
+    (IoU > 0); 0 when nothing was detected."""
+    if crop_boxes is None:  # no GT box (lesion centred): found if anything was kept
+        return {"p_detected": image_score, "p_detected_max": float(kept.p.max()) if len(kept.p) else 0.0,
+                "detected": bool(len(kept.boxes) > 0), "best_iou": None}
+    iou = _iou_matrix(np.asarray(crop_boxes, float).reshape(-1, 4)[k:k + 1], kept.boxes)[0]
+    hit = np.flatnonzero(iou > 0)
+    best_iou = float(iou.max()) if len(iou) else 0.0
+    if it.single_lesion:
+        return {"p_detected": image_score, "p_detected_max": float(kept.p.max()) if len(kept.p) else 0.0,
+                "detected": bool(len(hit)), "best_iou": best_iou}
+    best = int(hit[np.argmax(iou[hit])]) if len(hit) else None
+    return {"p_detected": float(kept.p[best]) if best is not None else 0.0,
+            "p_detected_max": float(kept.p[hit].max()) if len(hit) else 0.0,
+            "detected": best is not None, "best_iou": best_iou}
+
+
+def _lesion_rows(rec: ImageRecord, row: dict[str, Any], kept: _Kept | None, t_cls: float,
+                 default_aggregate: str) -> tuple[list[dict[str, Any]], list[np.ndarray | None]]:
+    """predictions_lesions.parquet rows (one per ground-truth crop) and their pooled features."""
+    it, gt_cls = rec.item, rec.stages.get("cls_gt")
+    if gt_cls is None:
+        return [], []
+    logits = np.asarray(gt_cls["logit"], float)
+    subs = np.asarray(gt_cls["sub"], float)
+    feat = np.asarray(gt_cls["feat"], dtype=np.float32)
+    crop_boxes = it.gt_crop_boxes()
+    image_score = row.get(T.IMAGE_SCORE_COLUMNS[f"two_stage.{default_aggregate}"])
+    rows, feats = [], []
+    for k in range(len(logits)):
+        mal, dx = (it.malignant, it.diagnosis) if it.single_lesion else (it.box_malignant[k], it.box_diagnosis[k])
+        box = crop_boxes[k] if crop_boxes else [None] * 4
+        lr = {"split": it.split, "path": it.path, "image_id": it.image_id, "source": it.source, "modality": it.modality,
+              "synthetic": it.synthetic, "lesion_index": k, "diagnosis": dx, "malignant": mal, "biopsied": it.biopsied,
+              "fitzpatrick": it.fitzpatrick, "gt_is_whole_image": crop_boxes is None,
+              "x1": box[0], "y1": box[1], "x2": box[2], "y2": box[3],
+              "logit_gt": float(logits[k]), "p_gt": float(_sigmoid(logits[k] / t_cls)),
+              **{f"sub_{n}": float(subs[k, i]) for i, n in enumerate(SUBTYPES[: subs.shape[1]])},
+              "top_subtype": SUBTYPES[int(np.argmax(subs[k]))],
+              "ita_category": row["ita_category"], "ita_ok": row["ita_ok"], "ita": row["ita"]}
+        if kept is not None and image_score is not None:
+            lr.update(_detected_score(it, k, crop_boxes, kept, image_score))
+        rows.append(lr)
+        feats.append(feat[k] if feat.ndim == 2 and len(feat) > k else None)
+    if it.single_lesion and len(logits):
+        row["p_gt"], row["logit_gt"] = rows[0]["p_gt"], rows[0]["logit_gt"]
+    return rows, feats
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    """Nullable dtypes for labels and flags, so parquet readers see Int8 / boolean, not objects."""
+    if "malignant" in df.columns:
+        df["malignant"] = pd.array([None if _opt(v) is None else int(v) for v in df["malignant"]], dtype="Int8")
+    for col in ("biopsied", "synthetic", "ita_ok", "no_lesion_detected", "detected", "gt_is_whole_image", "from_cache"):
+        if col in df.columns:
+            df[col] = pd.array([None if _opt(v) is None else bool(v) for v in df[col]], dtype="boolean")
+    if "fitzpatrick" in df.columns:
+        df["fitzpatrick"] = pd.array([None if _opt(v) is None else int(v) for v in df["fitzpatrick"]], dtype="Int8")
+    return df
+
+
 def build_tables(records: Sequence[ImageRecord], info: ModelInfo, default_aggregate: str = "mean",
                  kept_threshold: float = 0.5, max_lesions: int = 30) -> Tables:
-    """Per-image, per-lesion and per-(kept-)detection tables from the inference records."""
+    """Per-image, per-lesion and per-(kept-)detection tables from the inference records; every
+    aggregation is computed here from the cached per-lesion probabilities."""
     models = info.metadata.get("models") or {}
     t_cls = float((models.get("classifier") or {}).get("temperature", 1.0))
     t_img = float((models.get("image_classifier") or {}).get("temperature", 1.0))
-    det_ok = info.ok("detector")
     img_rows, les_rows, det_rows, feats = [], [], [], []
-    feat_dim = 0
     for rec in records:
-        it = rec.item
-        st = rec.stages
-        base = {"split": it.split, "path": it.path, "image_id": it.image_id, "source": it.source, "modality": it.modality,
-                "synthetic": it.synthetic}
-        row: dict[str, Any] = {**base, "diagnosis": it.diagnosis, "malignant": it.malignant, "biopsied": it.biopsied,
-                               "fitzpatrick": it.fitzpatrick, "pair_id": it.pair_id,
-                               "status": f"error: {rec.error}" if rec.error else "ok",
-                               "width": rec.size[0] if rec.size else None, "height": rec.size[1] if rec.size else None,
-                               "n_gt": len(it.gt_boxes), "seconds": float(sum(rec.seconds.values())) if rec.seconds else float("nan"),
-                               "from_cache": rec.cached}
-        # ---- ITA
-        ita = st.get("ita") or {}
-        row.update({"ita": ita.get("ita"), "ita_category": ita.get("category"), "ita_ok": ita.get("ok"),
-                    "ita_reason": ita.get("reason")})
-        # ---- detections kept by the pipeline + their classification
-        det = st.get("det")
-        cls_det = st.get("cls_det")
-        kept_boxes = np.zeros((0, 4))
-        kept_p = np.zeros(0)
-        kept_sub = np.zeros((0, len(SUBTYPES)))
-        if det is not None:
-            keep = kept_index(det["scores"], kept_threshold, max_lesions)
-            kept_boxes, kept_scores = det["boxes"][keep], det["scores"][keep]
-            row["det_max_score"] = float(det["scores"].max()) if len(det["scores"]) else 0.0
-            if cls_det is not None:
-                kept_p = _sigmoid(np.asarray(cls_det["logit"], float) / t_cls)
-                kept_sub = np.asarray(cls_det["sub"], float)
-            gt = np.asarray(it.gt_boxes, float).reshape(-1, 4)
-            iou = _iou_matrix(kept_boxes, gt)
-            for j, b in enumerate(kept_boxes):
-                det_rows.append({**base, "det_index": j, "x1": float(b[0]), "y1": float(b[1]), "x2": float(b[2]), "y2": float(b[3]),
-                                 "detector_score": float(kept_scores[j]),
-                                 "p_malignant": float(kept_p[j]) if j < len(kept_p) else None,
-                                 "top_subtype": SUBTYPES[int(np.argmax(kept_sub[j]))] if j < len(kept_sub) else None,
-                                 "best_iou_gt": float(iou[j].max()) if iou.shape[1] else None,
-                                 "matched_gt": int(iou[j].argmax()) if iou.shape[1] and iou[j].max() > 0 else None})
-            row["n_detected"] = int(len(kept_boxes))
-            row["no_lesion_detected"] = bool(len(kept_boxes) == 0)
-        two_stage_ok = det is not None and cls_det is not None
-        if two_stage_ok:
-            for agg in T.AGGREGATIONS:
-                row[T.IMAGE_SCORE_COLUMNS[f"two_stage.{agg}"]] = _aggregate(kept_p, agg)
-            row["p_detected_max"] = float(kept_p.max()) if len(kept_p) else 0.0
-        # ---- direct whole-image
-        whole = st.get("whole")
-        if whole is not None:
-            z = float(np.asarray(whole["logit"]).reshape(-1)[0])
-            row[T.IMAGE_SCORE_COLUMNS["direct.whole"]] = float(_sigmoid(z / t_img))
-            row["logit_direct_whole"] = z
-        # ---- one-step C=2: image score from the malignant-class boxes (label 2)
-        c2 = st.get("c2")
-        if c2 is not None:
-            mal = (c2["labels"] == 2) & (c2["scores"] >= kept_threshold)
-            for agg in T.AGGREGATIONS:
-                row[T.IMAGE_SCORE_COLUMNS[f"one_step_c2.{agg}"]] = _aggregate(c2["scores"][mal], agg)
-        # ---- ground-truth crops -> lesion rows
-        gt_cls = st.get("cls_gt")
-        if gt_cls is not None:
-            logits = np.asarray(gt_cls["logit"], float)
-            subs = np.asarray(gt_cls["sub"], float)
-            crop_boxes = it.gt_crop_boxes()
-            gt_arr = np.asarray(crop_boxes, float).reshape(-1, 4) if crop_boxes else np.zeros((0, 4))
-            iou = _iou_matrix(gt_arr, kept_boxes) if det is not None else None
-            for k in range(len(logits)):
-                if it.single_lesion:
-                    mal_k, dx_k = it.malignant, it.diagnosis
-                else:
-                    mal_k, dx_k = it.box_malignant[k], it.box_diagnosis[k]
-                lr = {**base, "lesion_index": k, "diagnosis": dx_k, "malignant": mal_k, "biopsied": it.biopsied,
-                      "fitzpatrick": it.fitzpatrick, "gt_is_whole_image": crop_boxes is None,
-                      "x1": float(gt_arr[k, 0]) if crop_boxes else None, "y1": float(gt_arr[k, 1]) if crop_boxes else None,
-                      "x2": float(gt_arr[k, 2]) if crop_boxes else None, "y2": float(gt_arr[k, 3]) if crop_boxes else None,
-                      "logit_gt": float(logits[k]), "p_gt": float(_sigmoid(logits[k] / t_cls)),
-                      **{f"sub_{n}": float(subs[k, i]) for i, n in enumerate(SUBTYPES[: subs.shape[1]])},
-                      "top_subtype": SUBTYPES[int(np.argmax(subs[k]))],
-                      "ita_category": row["ita_category"], "ita_ok": row["ita_ok"], "ita": row["ita"]}
-                if two_stage_ok:
-                    if it.single_lesion:
-                        # single-lesion photo: the product's image score is the lesion's detected-path score
-                        lr["p_detected"] = row[T.IMAGE_SCORE_COLUMNS[f"two_stage.{default_aggregate}"]]
-                        lr["p_detected_max"] = row["p_detected_max"]
-                        lr["detected"] = bool(len(kept_boxes) > 0) if crop_boxes is None else bool(iou.shape[1] and iou[k].max() > 0)
-                        lr["best_iou"] = float(iou[k].max()) if crop_boxes and iou.shape[1] else (None if crop_boxes is None else 0.0)
-                    else:
-                        # scene lesion: the overlapping kept detections (IoU > 0); missed -> 0
-                        hit = np.flatnonzero(iou[k] > 0) if iou.shape[1] else np.zeros(0, int)
-                        best = int(hit[np.argmax(iou[k, hit])]) if len(hit) else None
-                        lr["p_detected"] = float(kept_p[best]) if best is not None else 0.0
-                        lr["p_detected_max"] = float(kept_p[hit].max()) if len(hit) else 0.0
-                        lr["detected"] = best is not None
-                        lr["best_iou"] = float(iou[k].max()) if iou.shape[1] else 0.0
-                les_rows.append(lr)
-                f = np.asarray(gt_cls["feat"], dtype=np.float32)
-                feat_dim = f.shape[1] if f.ndim == 2 and f.size else feat_dim
-                feats.append(f[k] if f.ndim == 2 and len(f) > k else None)
-            if it.single_lesion and len(logits):
-                row["p_gt"] = float(_sigmoid(logits[0] / t_cls))
-                row["logit_gt"] = float(logits[0])
+        kept = _kept(rec.stages, t_cls, kept_threshold, max_lesions)
+        row = _image_row(rec, kept, t_img, kept_threshold)
+        if kept is not None:
+            det_rows.extend(_detection_rows(rec, kept))
+        lr, lf = _lesion_rows(rec, row, kept, t_cls, default_aggregate)
+        les_rows.extend(lr)
+        feats.extend(lf)
         img_rows.append(row)
-    images = pd.DataFrame(img_rows)
-    lesions = pd.DataFrame(les_rows)
-    detections = pd.DataFrame(det_rows)
-    feat_arr = np.full((len(feats), feat_dim), np.nan, dtype=np.float32)
+    dim = next((len(f) for f in feats if f is not None), 0)
+    feat_arr = np.full((len(feats), dim), np.nan, dtype=np.float32)
     for i, f in enumerate(feats):
-        if f is not None and feat_dim:
+        if f is not None and dim:
             feat_arr[i] = f
-    for df in (images, lesions):
-        if "malignant" in df.columns:
-            df["malignant"] = pd.array(df["malignant"].tolist(), dtype="Int8")
-        for col in ("biopsied", "synthetic", "ita_ok", "no_lesion_detected", "detected", "gt_is_whole_image", "from_cache"):
-            if col in df.columns:
-                df[col] = pd.array([None if _opt(v) is None else bool(v) for v in df[col]], dtype="boolean")
-        if "fitzpatrick" in df.columns:
-            df["fitzpatrick"] = pd.array([None if _opt(v) is None else int(v) for v in df["fitzpatrick"]], dtype="Int8")
-    if not det_ok:
-        log.info("no detector: two-stage and detected-box columns stay empty")
-    return Tables(images, lesions, detections, feat_arr)
+    return Tables(_typed(pd.DataFrame(img_rows)), _typed(pd.DataFrame(les_rows)), pd.DataFrame(det_rows), feat_arr)
 
 
 # =====================================================================================================
@@ -971,7 +1007,7 @@ def evaluate(settings: EvalSettings, manifest: pd.DataFrame | None = None,
         if why:
             notes.append(why)
         else:
-            n_scenes_full = len(pd.read_parquet(settings.scenes_path(), columns=["path"]))
+            n_scenes_full = min(settings.scenes_max, len(pd.read_parquet(settings.scenes_path(), columns=["path"])))
         items = list(items) + scenes
     extra_ita_items = pad_ita_items(manifest, settings, {it.path for it in items}) if (settings.pad_ita_all and manifest is not None
                                                                                        and "fitzpatrick" in manifest.columns) else []
@@ -997,15 +1033,18 @@ def evaluate(settings: EvalSettings, manifest: pd.DataFrame | None = None,
     prov = provenance(settings, info, digest)
     ctx = report_context(info, settings)
     images, lesions = tables.images, tables.lesions
-    sections: dict[str, Any] = {
-        "lesion_level": T.lesion_level_section(lesions, images, ctx),
-        "detection": T.detection_section(*detection_sets(main_records), ctx),
-        "image_level": T.image_level_section(images, ctx),
-        "calibration": T.calibration_report(lesions, images, ctx),
-        "operating_points": T.operating_points_report(images, ctx),
-        "skin_tone": T.skin_tone_report(lesions, images, ita_extra, ctx),
-        "error_analysis": T.error_report(lesions, ctx),
-    }
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):  # numpy / scipy / sklearn threads would fight torch's OpenMP pool
+        sections: dict[str, Any] = {
+            "lesion_level": T.lesion_level_section(lesions, images, ctx),
+            "detection": T.detection_section(*detection_sets(main_records), ctx),
+            "image_level": T.image_level_section(images, ctx),
+            "calibration": T.calibration_report(lesions, images, ctx),
+            "operating_points": T.operating_points_report(images, ctx),
+            "skin_tone": T.skin_tone_report(lesions, images, ita_extra, ctx),
+            "error_analysis": T.error_report(lesions, ctx),
+        }
     seconds["metrics"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -1028,8 +1067,14 @@ def evaluate(settings: EvalSettings, manifest: pd.DataFrame | None = None,
             _write_parquet(files[key], df)
     seconds["total"] = time.perf_counter() - t0
     n_computed = sum(1 for r in records if not r.cached)
+    stage_times: dict[str, list[float]] = {}
+    for r in records:
+        for k, v in (r.seconds or {}).items():
+            stage_times.setdefault(k, []).append(v)
     timing = {"seconds": seconds, "n_images": len(records), "n_computed": n_computed, "workers": settings.workers,
-              "cpu_count": os.cpu_count()}
+              "cpu_count": os.cpu_count(),
+              "per_stage_mean_seconds": {k: float(np.mean(v)) for k, v in stage_times.items()},
+              "note": "per-image stage times are wall-clock inside one worker; with --workers N, N images run at once"}
     if settings.limit and manifest is not None:
         timing["projection"] = projected_full_seconds(records, full_split_counts(manifest, settings, n_scenes_full))
     summary = T.headline(sections, tables.images, ctx, prov)
@@ -1040,7 +1085,8 @@ def evaluate(settings: EvalSettings, manifest: pd.DataFrame | None = None,
         "notes": notes + ["Synthetic wide-field scenes are synthetic: reported only under split=scenes_test, never pooled "
                           "with real photos.",
                           "HAM10000 has no test split; the dermoscopy box metrics use its validation split "
-                          f"(<= {settings.ham_detection_max} images, one per lesion)."],
+                          f"(<= {settings.ham_detection_max} images, one per lesion).",
+                          f"Synthetic test scenes: a seeded sample of <= {settings.scenes_max} scenes (CPU time budget)."],
         "files": {**{k: v for k, v in REPORT_FILES.items()}, **{k: v for k, v in TABLE_FILES.items()}},
         "timings": timing,
     }

@@ -752,6 +752,8 @@ def calibration_report(lesions: pd.DataFrame, images: pd.DataFrame, ctx: ReportC
 def operating_points_report(images: pd.DataFrame, ctx: ReportContext) -> dict[str, Any]:
     """Item 5: sensitivity / specificity / PPV / NPV at the shipped and at fixed-sensitivity thresholds."""
     thresholds = shipped_thresholds(ctx.metadata)
+    if not images.empty:
+        images = images[~images["split"].isin(DETECTION_ONLY_SPLITS)]
     if images.empty or not any(has_scores(images, c) for c in IMAGE_SCORE_COLUMNS.values()):
         return ctx.missing("classifier") if not ctx.ok("classifier") else {"status": "not available: no image scores"}
     groups = [g for g in evaluation_groups(images, SPLIT_ORDER)
