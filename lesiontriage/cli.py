@@ -62,7 +62,7 @@ def evaluate_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Images per split (seeded sample) for a quick run"),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling, bootstrap and the embedding map"),
     n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Bootstrap replicates for the CIs"),
-    workers: int = typer.Option(1, "--workers", min=1, help="Inference processes (1 thread each when > 1)"),
+    workers: int = typer.Option(2, "--workers", min=1, help="Inference processes, 1 thread each (1 = one process, all threads)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="Ignore and do not write runs/eval_cache/"),
 ) -> None:
     """Evaluate the shipped models on every test split; write models/reports/ (JSON + parquet)."""

@@ -197,6 +197,7 @@ class TriagePipeline:
             batch = self._normalise([_to_tensor(img.rgb)], self.image_classifier.config)
             p, _ = self.classify(batch, self.image_classifier, self.image_clf_meta)
             timings["classify"] = (time.perf_counter() - t) * 1000
+            timings["total"] = sum(timings.values())
             score = float(p[0])
             return TriageResult(img.name, img.orig_width, img.orig_height, [], aggregate, score,
                                 self.make_tier([], score, "whole_image", "whole"), quality, timings, "whole_image", version)

@@ -389,7 +389,7 @@ def test_evaluate_with_tiny_classifier_reproduces_pipeline_and_marks_missing_mod
     items = _items(tmp_path)
     manifest = pd.DataFrame({"path": [it.path for it in items], "boxes": [it.gt_boxes for it in items]})
     settings = EvalSettings(models_dir=tiny_models, out_dir=tmp_path / "reports", cache_dir=tmp_path / "cache", n_boot=30,
-                            n_boot_paired=30, n_boot_map=0, progress=False, pad_ita_all=False, command="pytest")
+                            n_boot_paired=30, n_boot_map=0, progress=False, pad_ita_all=False, command="pytest", workers=1)
     res = evaluate(settings, manifest=manifest, items=items)
     img = pd.read_parquet(res.files["images"])
     les = pd.read_parquet(res.files["lesions"])
@@ -424,6 +424,21 @@ def test_evaluate_with_tiny_classifier_reproduces_pipeline_and_marks_missing_mod
     assert np.allclose(les2["p_gt"], les["p_gt"])
 
 
+def test_worker_processes_give_the_same_predictions(tiny_models, tmp_path):
+    from lesiontriage.evaluate.run import evaluate
+
+    items = _items(tmp_path)
+    manifest = pd.DataFrame({"path": [it.path for it in items], "boxes": [it.gt_boxes for it in items]})
+    out = {}
+    for w in (1, 2):
+        s = EvalSettings(models_dir=tiny_models, out_dir=tmp_path / f"r{w}", cache_dir=None, n_boot=0, n_boot_paired=0,
+                         n_boot_map=0, progress=False, pad_ita_all=False, embedding=False, workers=w)
+        out[w] = evaluate(s, manifest=manifest, items=items).tables.images.set_index("image_id")
+    cols = ["p_gt", "ita"]
+    assert np.allclose(out[1][cols].astype(float), out[2].loc[out[1].index, cols].astype(float), atol=1e-4, equal_nan=True)
+    assert out[2].loc["broken", "status"].startswith("error:")
+
+
 @pytest.mark.models
 def test_evaluate_with_shipped_models_matches_predict(tmp_path):
     from lesiontriage.evaluate.run import evaluate, model_info
@@ -435,7 +450,7 @@ def test_evaluate_with_shipped_models_matches_predict(tmp_path):
     items = _items(tmp_path)[:3]
     manifest = pd.DataFrame({"path": [it.path for it in items], "boxes": [it.gt_boxes for it in items]})
     settings = EvalSettings(models_dir=MODELS_DIR, out_dir=tmp_path / "reports", cache_dir=None, n_boot=20,
-                            n_boot_paired=20, n_boot_map=0, progress=False, pad_ita_all=False, embedding=False)
+                            n_boot_paired=20, n_boot_map=0, progress=False, pad_ita_all=False, embedding=False, workers=1)
     res = evaluate(settings, manifest=manifest, items=items)
     img = pd.read_parquet(res.files["images"]).set_index("image_id")
     pipe = TriagePipeline.from_dir(MODELS_DIR)

@@ -47,8 +47,10 @@ summary.json        headline numbers, each ``{value, ci_low, ci_high, n, split}`
 evaluation.json     index: ``splits`` {split: {description, n_images, n_labelled, n_malignant, n_errors,
                     n_gt_boxes, synthetic}}, ``models`` (status per model), ``notes`` [str], ``files``,
                     ``timings`` {seconds {select, inference, tables, metrics, embedding, total}, n_images,
-                    n_computed, workers, cpu_count, projection (``--limit`` runs: mean seconds per image and
-                    the projected full inference time)}.
+                    n_computed (not from the cache), workers, cpu_count, per_stage_mean_seconds {decode,
+                    detect, classify_detected, classify_gt, whole_image, ita[, detect_c2]}, projection (``--limit``
+                    runs only: per_split_mean_wall_seconds, per_split_mean_cpu_seconds, full_counts,
+                    projected_inference_{wall,cpu}_seconds {split: s}, projected_inference_{wall,cpu}_total_seconds)}.
 lesion_level.json   item 1: ``metrics`` [ranking rows; score in gt_box | detected | detected_max_lesion],
                     ``paired_gt_vs_detected`` [paired rows], ``no_lesion_detected`` {split: {n_images,
                     n_no_lesion, share, n_malignant_with_no_lesion}}, ``curves``, ``definition``.
@@ -86,7 +88,8 @@ Parquet tables:
 
 predictions_images.parquet   one row per evaluated image: split, path (data-root relative), image_id,
     source, modality, synthetic, diagnosis, malignant (Int8, NA = unlabelled), biopsied, fitzpatrick,
-    pair_id, status ("ok" | "error: ..."), width, height (original px), n_gt, seconds, from_cache,
+    pair_id, status ("ok" | "error: ..."), width, height (original px), n_gt, seconds (wall), cpu_seconds,
+    from_cache,
     ita, ita_category, ita_ok, ita_reason, det_max_score, n_detected (kept), no_lesion_detected,
     score_two_stage_mean / _max / _noisy_or, p_detected_max, score_direct_whole, logit_direct_whole,
     score_one_step_c2_* (when trained), p_gt, logit_gt (single-lesion photos).
