@@ -21,7 +21,8 @@ err_console = Console(stderr=True)
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    # soft_wrap: one line whatever the terminal width, so scripts can grep it.
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=1)
 
 
@@ -206,7 +207,8 @@ def predict(
             writer.writerow(row.csv_row())
             if row.result is None:
                 n_err += 1
-                err_console.print(f"error: {row.image}: {row.status[len('error: '):]}", highlight=False, markup=False)
+                err_console.print(f"error: {row.image}: {row.status[len('error: '):]}", highlight=False, markup=False,
+                                  soft_wrap=True)
             elif as_json:
                 sys.stdout.write(row.result.to_json() + "\n")
     if not as_json:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class TierTargets:
     refer_sensitivity: float = 0.95
     urgent_ppv: float = 0.6
-    max_per_source: int = 250
+    max_per_source: int = 120
     seed: int = 0
 
 
