@@ -135,6 +135,38 @@ def data_scenes(
 # ---- more commands are registered below (scenes, train, predict, evaluate, bench) -------------
 
 # ---- bench ------------------------------------------------------------------------------------
+@app.command("research")
+def research_cmd(
+    studies: Optional[list[str]] = typer.Argument(None, help="clinical | management | ensemble | ablations (default: all)"),
+    models: Optional[Path] = typer.Option(None, "--models", help="Models folder (default: the shipped models/)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: models/reports/)"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Shared data folder"),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest parquet (default runs/data/manifest.parquet)"),
+    ensemble_run: list[str] = typer.Option(["classifier_lite2"], "--ensemble-run", help="runs/<name> (or shipped classifier_<name>) to ensemble with"),
+    n_boot: int = typer.Option(1000, "--n-boot", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    no_export: bool = typer.Option(False, "--no-export", help="Do not ship the combined clinical / management models"),
+) -> None:
+    """Seed extras, measured: clinical covariates, management (derm7pt), ensemble, ablations (threshold, CLAHE, imbalance)."""
+    from lesiontriage.errors import LesionTriageError
+    from lesiontriage.paths import MODELS_DIR
+    from lesiontriage.research.run import STUDIES, ResearchSettings, run_research
+
+    chosen = studies or list(STUDIES)
+    unknown = [s for s in chosen if s not in STUDIES]
+    if unknown:
+        _fail(f"unknown study {unknown[0]!r}; choose from {', '.join(STUDIES)}")
+    settings = ResearchSettings(models_dir=models or MODELS_DIR, out_dir=out, data_root=data_root, manifest=manifest,
+                                ensemble_runs=tuple(ensemble_run), n_boot=n_boot, seed=seed,
+                                command=" ".join(["lesiontriage", *sys.argv[1:]]), export_models=not no_export)
+    try:
+        written = run_research(settings, chosen)
+    except (LesionTriageError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    for name, path in written.items():
+        console.print(f"{name:20s} {path}")
+
+
 @app.command("bench")
 def bench(
     models: Optional[Path] = typer.Option(None, "--models", help="Models folder (default: shipped models/)"),

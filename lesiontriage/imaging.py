@@ -638,6 +638,21 @@ def _reflect_index(idx: np.ndarray, n: int) -> np.ndarray:
     return np.where(r < n, r, period - r)
 
 
+def apply_clahe(rgb: np.ndarray, clip_limit: float = 2.0, tiles: int = 8) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation of the lightness channel (seed 004).
+
+    Works in CIELAB so hue is untouched (equalising R, G and B separately shifts lesion colour,
+    which is itself a malignancy cue). Returns a new RGB uint8 array of the same shape.
+    """
+    arr = np.ascontiguousarray(rgb)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"apply_clahe expects an H x W x 3 uint8 image, got {arr.shape} {arr.dtype}")
+    lab = cv2.cvtColor(arr, cv2.COLOR_RGB2LAB)
+    clahe = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tiles, tiles))
+    lab[..., 0] = clahe.apply(lab[..., 0])
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+
+
 def crop_with_margin(rgb: np.ndarray, box: Sequence[float], margin: float = 0.25, square: bool = True) -> np.ndarray:
     """Crop ``box`` (xyxy in ``rgb``'s pixels) plus context, as the classifier sees a lesion.
 

@@ -73,6 +73,7 @@ class TriageResult:
     mode: str = "two_stage"  # or "whole_image"
     model_version: str = ""
     intended_use: str = INTENDED_USE
+    notes: list[str] = field(default_factory=list)  # e.g. "clinical covariates used (combined model)"
 
     @property
     def n_lesions(self) -> int:

@@ -10,6 +10,7 @@ import streamlit as st
 
 from lesiontriage import app_support as sup
 from lesiontriage.errors import ImageError, ModelError
+from lesiontriage.research.covariates import any_answer
 from pages import ui_common as ui
 
 log = logging.getLogger("lesiontriage.app")
@@ -71,6 +72,39 @@ with st.expander("Advanced options"):
 
 image_hash = hashlib.sha256(data).hexdigest()[:16]
 key_model = sup.model_key(pipe)
+combined_model, management_model, context_problem = ui.context_models(key_model)
+if context_problem:
+    st.caption(context_problem)
+
+# ---- optional clinical context (switches to the combined image + clinical model) ---------------------
+answers: dict = {}
+with st.expander("Clinical information (optional: switches to the combined image + clinical model)"):
+    if combined_model is None:
+        st.caption("The combined model is not installed (models/clinical_combined.safetensors); "
+                   "run `lesiontriage research clinical` to fit it.")
+    else:
+        st.caption("Leave anything you do not know as *not given*. Answers are used in memory only.")
+        c1, c2, c3 = st.columns(3)
+        answers["age"] = c1.number_input("Age (years)", min_value=0, max_value=120, value=None, step=1, key="cov_age")
+        answers["sex"] = c2.selectbox("Sex", ["female", "male"], index=None, placeholder="not given", key="cov_sex")
+        answers["region"] = c3.selectbox("Body site", list(ui.BODY_REGION_LABELS), index=None, placeholder="not given",
+                                         format_func=ui.BODY_REGION_LABELS.get, key="cov_region")
+        q_cols = st.columns(3)
+        for i, (q, label) in enumerate(ui.PAD_QUESTION_LABELS.items()):
+            answers[q] = q_cols[i % 3].segmented_control(label, ["yes", "no"], key=f"cov_{q}")
+        elevation = q_cols[2].segmented_control("Elevation", ["flat", "palpable", "nodular"], key="cov_elevation")
+        answers["elevation3"] = elevation
+        answers["elevated"] = None if elevation is None else ("no" if elevation == "flat" else "yes")
+
+with st.expander("Management suggestion (research output, dermoscopy images)"):
+    if management_model is None:
+        st.caption("The management model is not installed (models/management.safetensors); "
+                   "run `lesiontriage research management` to fit it.")
+        want_management, clinical_upload = False, None
+    else:
+        want_management = st.toggle("This photo is a dermoscopy image: suggest management", key="want_management")
+        clinical_upload = st.file_uploader("Optional: the clinical (non-dermoscopic) photo of the same lesion",
+                                           type=list(sup.UPLOAD_TYPES), key="clinical_upload")
 
 # ---- run (cached on bytes + settings + model) -----------------------------------------------------
 t0 = time.perf_counter()
@@ -102,6 +136,9 @@ two_stage = base.mode == "two_stage"
 default_agg = getattr(getattr(pipe, "settings", None), "default_aggregate", "mean")
 agg = st.session_state.get("aggregation") or default_agg
 result = pipe.reaggregate(base, agg) if two_stage and agg != base.aggregate else base
+covariates_used = combined_model is not None and two_stage and any_answer(answers)
+if covariates_used:
+    result = combined_model.apply(result, answers, pipe)
 n = result.n_lesions
 
 # ---- headline ---------------------------------------------------------------------------------------
@@ -111,6 +148,9 @@ with col_side:
     m1.metric("Triage score", f"{result.image_score:.2f}",
               help="Image-level malignancy score in [0, 1] from the chosen aggregation of lesion probabilities.")
     m2.metric("Lesions found", n if two_stage else "-")
+    if covariates_used:
+        st.info("**Combined image + clinical model used**: lesion probabilities, score and tier include your "
+                "answers under *Clinical information*.", icon=":material/person:")
     colour = sup.TIER_COLOURS.get(result.tier.name, "gray")
     st.markdown(f"#### Tier: :{colour}-background[:{colour}[{result.tier.name.upper()}]]")
     st.markdown(result.tier.reason)
@@ -217,6 +257,25 @@ if n:
     with c_sub:
         if lesion.subtypes:
             st.plotly_chart(sup.subtype_figure(lesion.subtypes), width="stretch", key=f"sub_{image_hash}_{selected}")
+
+# ---- management suggestion (research output) -----------------------------------------------------------
+if management_model is not None and want_management:
+    st.subheader("Suggested management (research output)")
+    try:
+        clin_bytes = clinical_upload.getvalue() if clinical_upload is not None else None
+        frozen = tuple(sorted((k, v) for k, v in answers.items() if v is not None))
+        suggestion = ui.management_cached(data, name, clin_bytes, frozen, key_model)
+    except (ImageError, ModelError) as exc:
+        st.error(str(exc), icon=":material/broken_image:")
+    except Exception as exc:  # the page keeps working
+        log.exception("management failed for %s", name)
+        st.error(f"{name}: management suggestion failed ({type(exc).__name__}: {exc}).")
+    else:
+        st.markdown(f"**{suggestion.suggestion.upper()}** "
+                    f"({'dermoscopy + clinical photo' if suggestion.variant == 'pair' else 'dermoscopy image only'})")
+        st.dataframe([{"management": k, "probability": round(v, 3)} for k, v in suggestion.probabilities.items()],
+                     hide_index=True)
+        st.caption(suggestion.note + " Accuracy on the derm7pt test set is on the *Clinical & management* page.")
 
 # ---- timings ------------------------------------------------------------------------------------------
 with st.expander("Per-stage timings and model"):

@@ -24,6 +24,13 @@ from lesiontriage.results import INTENDED_USE
 log = logging.getLogger("lesiontriage.app")
 
 
+BODY_REGION_LABELS = {"head_neck": "Head / neck", "trunk": "Trunk (back, chest, abdomen, buttocks)",
+                      "upper_limb": "Arm / forearm", "lower_limb": "Leg / thigh", "acral": "Hand / foot",
+                      "genital": "Genital area"}
+PAD_QUESTION_LABELS = {"itch": "Itches?", "grew": "Has it grown?", "hurt": "Does it hurt?",
+                       "changed": "Has it changed?", "bleed": "Has it bled?"}
+
+
 # ---- navigation guard --------------------------------------------------------------------------------
 
 _NAV = threading.local()
@@ -141,6 +148,30 @@ def thumbnails(data: bytes, name: str, whole_image: bool, model_key: str, _resul
 def gradcam_cached(data: bytes, name: str, lesion_index: int, model_key: str, _result: Any) -> np.ndarray:
     pipe, _ = pipeline_or_failure()
     return np.asarray(pipe.gradcam(data, lesion_index, result=_result), dtype=np.uint8)
+
+
+@st.cache_resource(show_spinner=False)
+def _context_models(models_path: str, model_key: str) -> tuple[Any, Any, str]:
+    """(combined clinical model | None, management model | None, problem) from the models folder."""
+    from lesiontriage.context_models import CombinedClinicalModel, ManagementModel
+
+    try:
+        return CombinedClinicalModel.from_dir(Path(models_path)), ManagementModel.from_dir(Path(models_path)), ""
+    except Exception as exc:  # a bad optional model must not stop the triage page
+        log.warning("context models not loaded: %s", exc)
+        return None, None, f"Optional clinical/management models could not be loaded ({exc})."
+
+
+def context_models(model_key: str) -> tuple[Any, Any, str]:
+    return _context_models(str(sup.models_dir()), model_key)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def management_cached(derm: bytes, derm_name: str, clinical: bytes | None, answers: tuple, model_key: str) -> Any:
+    """Management suggestion for a dermoscopy image (+ optional clinical photo); raises ImageError for bad files."""
+    pipe, _ = pipeline_or_failure()
+    _, management, _ = context_models(model_key)
+    return management.suggest(pipe, derm, clinical, dict(answers))
 
 
 @st.cache_data(show_spinner=False)

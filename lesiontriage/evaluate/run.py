@@ -870,6 +870,25 @@ def build_tables(records: Sequence[ImageRecord], info: ModelInfo, default_aggreg
 # report sections
 # =====================================================================================================
 
+def carry_research_keys(path: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Keep the headline keys ``lesiontriage research`` merged into an existing summary.json
+    (listed under ``research_provenance``), so re-running the evaluation does not erase them."""
+    if not path.exists():
+        return summary
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return summary
+    owned = old.get("research_provenance") or {}
+    out = dict(summary)
+    for key in owned:
+        if key in old and key not in out:
+            out[key] = old[key]
+    if owned:
+        out["research_provenance"] = owned
+    return out
+
+
 def provenance(settings: EvalSettings, info: ModelInfo, manifest_digest: str) -> dict[str, Any]:
     from lesiontriage import __version__
 
@@ -1118,7 +1137,7 @@ def evaluate(settings: EvalSettings, manifest: pd.DataFrame | None = None,
         _write_json(out_dir / REPORT_FILES[key], {"provenance": prov, **obj})
         files[key] = out_dir / REPORT_FILES[key]
     _write_json(out_dir / REPORT_FILES["evaluation"], index)
-    _write_json(out_dir / REPORT_FILES["summary"], summary)
+    _write_json(out_dir / REPORT_FILES["summary"], carry_research_keys(out_dir / REPORT_FILES["summary"], summary))
     files["evaluation"] = out_dir / REPORT_FILES["evaluation"]
     files["summary"] = out_dir / REPORT_FILES["summary"]
     return EvalResult(out_dir, files, T.jsonable(summary), seconds, len(records), n_computed, tables)

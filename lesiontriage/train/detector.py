@@ -51,6 +51,7 @@ class DetectorTrainConfig:
     ckpt_every_steps: int = 50
     max_minutes: float = 70.0
     val_per_source: int = 60
+    init_from: str = ""  # checkpoint (.pt with "model") to fine-tune from, e.g. a previous run's best.pt
 
 
 def load_scene_samples(scenes_dir: Path, split: str, limit: int | None = None) -> list[DetectionSample]:
@@ -159,6 +160,12 @@ class DetectorTrainer:
         ckpt_path, best_path = self.run_dir / "checkpoint.pt", self.run_dir / "best.pt"
         start_epoch, start_step, history, best = 0, 0, [], {"score": -1.0, "epoch": -1}
         state = load_checkpoint(ckpt_path) if resume else None
+        if not state and cfg.init_from:
+            init = load_checkpoint(Path(cfg.init_from))
+            if init is None:
+                raise FileNotFoundError(f"{cfg.init_from}: init_from checkpoint not found")
+            self.model.load_state_dict(init["model"])
+            log.info("fine-tuning from %s", cfg.init_from)
         if state:
             self.model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
