@@ -118,3 +118,84 @@ def test_probe_arms_differ_in_operating_point_not_ranking_much():
     none, weighted = out["arms"]["none"]["toy"], out["arms"]["class_weight"]["toy"]
     assert weighted["at_0.5"]["sensitivity"] > none["at_0.5"]["sensitivity"]
     assert abs(weighted["auc"]["value"] - none["auc"]["value"]) < 0.05
+
+
+# ---- shipped context models (fake weights in a temporary models folder) ---------------------------------
+
+def _write_models(tmp_path, key: str, state: dict, entry: dict):
+    import torch
+
+    from lesiontriage.weights import save_weights, write_metadata
+
+    sha = save_weights({k: torch.as_tensor(v, dtype=torch.float32) for k, v in state.items()}, tmp_path / f"{key}.safetensors")
+    write_metadata(tmp_path, {"models": {key: {"file": f"{key}.safetensors", "sha256": sha, **entry}}})
+
+
+def _result(ps):
+    from lesiontriage.results import Lesion, Tier, TriageResult
+
+    lesions = [Lesion(i, [0, 0, 10, 10], 0.9, p) for i, p in enumerate(ps)]
+    return TriageResult("x", 100, 100, lesions, "max", max(ps), Tier("routine", "", 0), None, {})
+
+
+class _TierStub:
+    @staticmethod
+    def make_tier(lesions, score, mode, aggregate):
+        from lesiontriage.results import Tier
+
+        return Tier("urgent" if score > 0.5 else "routine", f"score {score:.2f}", 0)
+
+
+def test_combined_clinical_model_moves_probabilities_with_the_answers(tmp_path):
+    from lesiontriage.context_models import CombinedClinicalModel
+
+    frame = harmonise(pd.DataFrame([{"age": 30, "sex": "male"}, {"age": 70, "sex": "female"}]))
+    enc = CovariateEncoder(APP_COVARIATES).fit(frame)
+    coef = np.zeros(len(enc.feature_names))
+    coef[enc.feature_names.index("age")] = 1.5
+    _write_models(tmp_path, "clinical_combined",
+                  {"clinical_coef": coef, "clinical_intercept": [0.0], "stack_coef": [1.0, 1.0], "stack_intercept": [0.0]},
+                  {"encoder": enc.to_dict()})
+    model = CombinedClinicalModel.from_dir(tmp_path)
+    base = _result([0.2, 0.4])
+    assert model.apply(base, {"age": None, "sex": None}, _TierStub) is base  # nothing given -> unchanged
+    old = model.apply(base, {"age": 80}, _TierStub)
+    young = model.apply(base, {"age": 20}, _TierStub)
+    assert old.lesions[1].p_malignant > 0.4 > young.lesions[1].p_malignant
+    assert old.image_score == pytest.approx(max(l.p_malignant for l in old.lesions))
+    assert old.tier.name == "urgent" and "clinical covariates used" in old.notes[0]
+
+
+def test_management_model_returns_a_distribution(tmp_path, monkeypatch):
+    from lesiontriage.context_models import ManagementModel
+
+    meta_enc = CovariateEncoder(("sex", "region", "elevation3")).fit(harmonise(pd.DataFrame([{"sex": "male", "site": "back"}])))
+    d = 1 + 8 + 2 + len(meta_enc.feature_names)
+    state = {"dermoscopy_only.pca_derm_mean": np.zeros(4), "dermoscopy_only.pca_derm_components": np.eye(2, 4),
+             "dermoscopy_only.x_mean": np.zeros(d), "dermoscopy_only.x_std": np.ones(d),
+             "dermoscopy_only.coef": np.vstack([np.eye(1, d, 0), -np.eye(1, d, 0), np.zeros((1, d))]),
+             "dermoscopy_only.intercept": np.zeros(3)}
+    _write_models(tmp_path, "management", state,
+                  {"classes": list(MANAGEMENT), "variants": {"dermoscopy_only": {"meta_encoder": meta_enc.to_dict()}}})
+    model = ManagementModel.from_dir(tmp_path)
+    monkeypatch.setattr(ManagementModel, "_image_outputs",
+                        staticmethod(lambda pipe, img: (3.0 if img == "bad" else -3.0, np.zeros(8), np.zeros(4))))
+    worried = model.suggest(None, "bad")
+    calm = model.suggest(None, "good", answers={"sex": "male"})
+    assert sum(worried.probabilities.values()) == pytest.approx(1.0)
+    assert worried.suggestion == "excision" and calm.suggestion == "clinical follow up"
+    assert worried.variant == "dermoscopy_only" and "not a clinical decision" in worried.note
+
+
+def test_report_tables_format_cis_and_tolerate_gaps():
+    from lesiontriage.research import tables as T
+
+    assert T.fmt_ci({"value": 0.8734, "ci_low": 0.84, "ci_high": 0.9}) == "0.873 (0.840-0.900)"
+    assert T.fmt_ci(None) == "" and T.fmt_ci({"value": None}) == ""
+    m = management_metrics(np.array([0, 1, 2, 0]), np.array([[.9, .05, .05], [.2, .7, .1], [.6, .2, .2], [.1, .8, .1]]),
+                           ManagementConfig(n_boot=10))
+    table = T.management_table({"dermoscopy_and_clinical": {"direct": m, "majority_baseline_accuracy": 0.5},
+                                "dermoscopy_only": {}})
+    assert list(table["strategy"]) == ["direct", "majority class (baseline)"]
+    assert table.loc[0, "over-excision"] == 1 and table.loc[0, "under-excision"] == 1
+    assert T.clinical_table({}).empty and T.ensemble_table({"splits": {}}).empty

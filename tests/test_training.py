@@ -92,3 +92,19 @@ def test_tile_dataset_keeps_boxes_inside_the_tile():
         if len(b):
             assert float(b.min()) >= 0 and float(b.max()) <= 128
             assert bool((b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all())
+
+
+def test_tile_dataset_carries_box_classes_only_for_the_c2_detector():
+    from lesiontriage.data.torch_datasets import DetectionSample, DetectionTileDataset
+    from lesiontriage.train.detector import c2_labels
+
+    rgb = np.zeros((200, 200, 3), np.uint8)
+    boxes = np.array([[20, 20, 60, 60], [120, 120, 170, 170]], np.float32)
+    labels = c2_labels([1.0, float("nan")])  # malignant, unlabelled mole -> benign
+    assert labels.tolist() == [2, 1]
+    sample = DetectionSample(rgb, boxes, "x", False, labels)
+    seen_c2, seen_one = set(), set()
+    for draw in range(20):
+        seen_c2.update(DetectionTileDataset([sample], long_side=200, tile=200, class_labels=True)[(0, draw)][1]["labels"].tolist())
+        seen_one.update(DetectionTileDataset([sample], long_side=200, tile=200)[(0, draw)][1]["labels"].tolist())
+    assert seen_c2 == {1, 2} and seen_one == {1}

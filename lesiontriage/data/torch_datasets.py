@@ -133,6 +133,7 @@ class DetectionSample:
     boxes: np.ndarray  # [K, 4] float32
     source: str
     close_up: bool  # one large lesion per image (dermoscopy / clinical close-ups)
+    labels: np.ndarray | None = None  # [K] int64 class per box for the C=2 detector (1 benign, 2 malignant)
 
 
 class DetectionTileDataset(Dataset):
@@ -144,8 +145,9 @@ class DetectionTileDataset(Dataset):
     """
 
     def __init__(self, samples: list[DetectionSample], *, long_side: int, tile: int, seed: int = 0,
-                 min_visible: float = 0.4) -> None:
+                 min_visible: float = 0.4, class_labels: bool = False) -> None:
         self.samples = samples
+        self.class_labels = class_labels  # True: targets carry each box's class (C=2); False: all "lesion" (1)
         self.long_side = long_side
         self.tile = tile
         self.seed = seed
@@ -182,8 +184,9 @@ class DetectionTileDataset(Dataset):
             flip = True
         else:
             flip = False
-        kept = []
-        for b in boxes:
+        kept, kept_labels = [], []
+        labels = s.labels if self.class_labels and s.labels is not None else np.ones(len(boxes), np.int64)
+        for b, lab in zip(boxes, labels):
             x1, y1, x2, y2 = b[0] - x0, b[1] - y0, b[2] - x0, b[3] - y0
             cx1, cy1 = max(0.0, x1), max(0.0, y1)
             cx2, cy2 = min(float(crop.shape[2]), x2), min(float(crop.shape[1]), y2)
@@ -194,9 +197,10 @@ class DetectionTileDataset(Dataset):
             if flip:
                 cx1, cx2 = t - cx2, t - cx1
             kept.append([cx1, cy1, cx2, cy2])
+            kept_labels.append(int(lab))
         canvas = T.ColorJitter(0.2, 0.2, 0.15, 0.02)(canvas)
         target = {
             "boxes": torch.tensor(kept, dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.ones(len(kept), dtype=torch.int64),
+            "labels": torch.tensor(kept_labels, dtype=torch.int64),
         }
         return canvas.float() / 255.0, target

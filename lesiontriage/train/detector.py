@@ -65,8 +65,20 @@ def load_scene_samples(scenes_dir: Path, split: str, limit: int | None = None) -
         df = df.head(limit)
     paths = [p if Path(p).is_absolute() else index.parent / Path(p).name for p in df["path"]]
     images = decode_all(paths)
-    return [DetectionSample(img, np.asarray([list(b) for b in boxes], dtype=np.float32).reshape(-1, 4), "scenes", False)
-            for img, boxes in zip(images, df["boxes"])]
+    return [DetectionSample(img, np.asarray([list(b) for b in boxes], dtype=np.float32).reshape(-1, 4), "scenes", False,
+                            c2_labels(mal))
+            for img, boxes, mal in zip(images, df["boxes"], df["box_malignant"])]
+
+
+def c2_labels(malignant) -> np.ndarray:
+    """Per-box classes for the C=2 (benign / malignant) detector: 2 = malignant, 1 = benign.
+
+    Boxes without a malignancy label are the wide-field mole photos' naevi (and the scenes'
+    background moles taken from them): common acquired moles, labelled benign by assumption,
+    which the report states."""
+    m = np.asarray([np.nan if pd.isna(v) else float(v) for v in np.atleast_1d(np.asarray(malignant, dtype=object))],
+                   dtype=float)
+    return np.where(m == 1, 2, 1).astype(np.int64)
 
 
 def load_manifest_samples(manifest: pd.DataFrame, split: str, sources: list[str], data_root: Path | None,
@@ -78,8 +90,8 @@ def load_manifest_samples(manifest: pd.DataFrame, split: str, sources: list[str]
                           for _, g in rows.groupby("source", sort=True)])
     images = decode_all([resolve_path(p, data_root) for p in rows["path"]])
     return [DetectionSample(img, np.asarray([list(b) for b in boxes], dtype=np.float32).reshape(-1, 4), src,
-                            src in CLOSE_UP_SOURCES)
-            for img, boxes, src in zip(images, rows["boxes"], rows["source"])]
+                            src in CLOSE_UP_SOURCES, c2_labels([mal] * len(boxes)))
+            for img, boxes, src, mal in zip(images, rows["boxes"], rows["source"], rows["malignant"])]
 
 
 @torch.no_grad()
@@ -130,7 +142,8 @@ class DetectorTrainer:
         val = load_manifest_samples(self.manifest, "val", srcs, data_root, limit_per_source=cfg.val_per_source, seed=cfg.seed)
         val += load_scene_samples(Path(cfg.scenes_dir), "val", limit=cfg.val_per_source // 2)
         self.val_samples = val
-        self.ds = DetectionTileDataset(train, long_side=self.net_cfg.long_side, tile=cfg.tile, seed=cfg.seed)
+        self.ds = DetectionTileDataset(train, long_side=self.net_cfg.long_side, tile=cfg.tile, seed=cfg.seed,
+                                       class_labels=self.net_cfg.num_classes == 2)
         src = np.array([s.source for s in train])
         w = np.zeros(len(train))
         for name, share in cfg.source_shares.items():
@@ -164,8 +177,11 @@ class DetectorTrainer:
             init = load_checkpoint(Path(cfg.init_from))
             if init is None:
                 raise FileNotFoundError(f"{cfg.init_from}: init_from checkpoint not found")
-            self.model.load_state_dict(init["model"])
-            log.info("fine-tuning from %s", cfg.init_from)
+            own = self.model.state_dict()
+            compatible = {k: v for k, v in init["model"].items() if k in own and own[k].shape == v.shape}
+            self.model.load_state_dict(compatible, strict=False)
+            skipped = sorted(set(own) - set(compatible))
+            log.info("fine-tuning from %s (%d tensors re-initialised: %s)", cfg.init_from, len(skipped), skipped[:4])
         if state:
             self.model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])

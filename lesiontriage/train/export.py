@@ -119,10 +119,11 @@ def export_detector(out: dict[str, Any], models_dir: Path) -> Path:
     best = torch.load(Path(out["run_dir"]) / "best.pt", map_location="cpu", weights_only=False)
     net_cfg = DetectorConfig.from_dict(out["config"]["network"])
     # Detector regression is sensitive; fp16 storage is checked in the evaluation, default fp32.
-    sha = save_weights(best["model"], models_dir / "detector.safetensors", fp16=False)
+    key = "detector" if net_cfg.num_classes == 1 else "detector_c2"  # C=2: the seed's benign/malignant detector
+    sha = save_weights(best["model"], models_dir / f"{key}.safetensors", fp16=False)
     meta = _base_metadata(models_dir)
-    meta["models"]["detector"] = {
-        "file": "detector.safetensors",
+    meta["models"][key] = {
+        "file": f"{key}.safetensors",
         "sha256": sha,
         "architecture": f"torchvision FasterRCNN + FPN over EfficientNet-{net_cfg.variant.capitalize()} features (strides 4-64)",
         "kind": "lesion_detector",
@@ -137,9 +138,9 @@ def export_detector(out: dict[str, Any], models_dir: Path) -> Path:
                      "history": out["history"]},
         "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    meta["changelog"].append({"date": dt.date.today().isoformat(), "model": "detector", "change": f"trained ({out['command']})"})
+    meta["changelog"].append({"date": dt.date.today().isoformat(), "model": key, "change": f"trained ({out['command']})"})
     write_metadata(models_dir, meta)
-    return models_dir / "detector.safetensors"
+    return models_dir / f"{key}.safetensors"
 
 
 def export_run(model: str, out: dict[str, Any], *, data_root: Path | None = None, manifest_path: Path | None = None,

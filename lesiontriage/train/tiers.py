@@ -96,5 +96,22 @@ def calibrate_tiers(models_dir: Path = MODELS_DIR, manifest_path: Path | None = 
         entry["command"] = command
         entry["date"] = dt.date.today().isoformat()
     meta["triage"] = chosen
+    agg_choice = choose_default_aggregate(scores)
+    meta.setdefault("pipeline", {})["default_aggregate"] = agg_choice["default"]
+    meta["pipeline"]["default_aggregate_choice"] = {**agg_choice, "command": command, "manifest_hash": manifest_hash(manifest),
+                                                    "date": dt.date.today().isoformat()}
     write_metadata(models_dir, meta)
     return chosen
+
+
+def choose_default_aggregate(scores: pd.DataFrame) -> dict[str, Any]:
+    """The two-stage aggregation with the best validation image-level ROC AUC (ties -> 'mean').
+
+    Chosen on the same validation photos as the tiers, never on test."""
+    from lesiontriage.evaluate.metrics import auc_ci
+
+    y = scores["y"].to_numpy()
+    aucs = {name: float(auc_ci(y, scores[f"two_stage.{name}"].to_numpy(float), n_boot=0).value) for name in AGGREGATORS}
+    best = max(aucs, key=lambda k: (round(aucs[k], 4), k == "mean"))
+    return {"default": best, "validation_auc": aucs,
+            "chosen_on": f"validation split: {len(scores)} labelled photos ({int(y.sum())} malignant)"}
