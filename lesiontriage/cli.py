@@ -203,10 +203,11 @@ def bench(
 def predict(
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders"),
     out: Path = typer.Option(Path("results.csv"), "--out", help="CSV with one row per image"),
-    aggregate: str = typer.Option("mean", "--aggregate", help="mean | max | noisy_or"),
+    aggregate: Optional[str] = typer.Option(None, "--aggregate", help="mean | max | noisy_or (default: the one chosen on validation, see metadata.json)"),
     whole_image: bool = typer.Option(False, "--whole-image", help="Direct whole-image classifier instead of two-stage"),
     as_json: bool = typer.Option(False, "--json", help="Also print one JSON result per image to stdout"),
     models: Optional[Path] = typer.Option(None, "--models", help="Models folder (default: shipped models/)"),
+    ensemble: Optional[bool] = typer.Option(None, "--ensemble/--no-ensemble", help="Average classifier + classifier_2 (default: metadata.json's setting)"),
 ) -> None:
     """Triage photos: CSV row per image (image, status, image_score, tier, n_lesions, lesions)."""
     import csv
@@ -218,15 +219,16 @@ def predict(
     from lesiontriage.errors import LesionTriageError
     from lesiontriage.pipeline import TriagePipeline
 
-    if aggregate not in AGGREGATORS:
+    if aggregate is not None and aggregate not in AGGREGATORS:
         _fail(f"--aggregate {aggregate!r}: choose one of {', '.join(AGGREGATORS)}")
     paths = expand_inputs(inputs)
     if not paths:
         _fail("no image files found in the given inputs")
     try:
-        pipe = TriagePipeline.from_dir(models)
+        pipe = TriagePipeline.from_dir(models, ensemble=ensemble)
     except LesionTriageError as exc:
         _fail(str(exc))
+    aggregate = aggregate or pipe.settings.default_aggregate
     n_err = 0
     rows = run_batch(pipe, paths, aggregate, whole_image=whole_image)
     if len(paths) > 1:

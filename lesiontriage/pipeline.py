@@ -42,6 +42,7 @@ class PipelineSettings:
     max_lesions: int = 30
     default_aggregate: str = "mean"
     torch_threads: int = 2
+    ensemble: bool = False  # average the malignancy of classifier + classifier_2 (when installed)
 
 
 def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
@@ -64,12 +65,18 @@ class TriagePipeline:
         self.metadata = metadata
         self.settings = settings or PipelineSettings()
         self.models_dir = models_dir
+        self.second_classifier: LesionClassifier | None = None  # ensemble member (settings.ensemble)
+        self.second_clf_meta: dict[str, Any] = {}
         self._gradcam_lock = threading.Lock()
 
     # ---- loading ----------------------------------------------------------------------------------
     @classmethod
-    def from_dir(cls, path: str | Path | None = None, *, load_image_classifier: bool = True) -> "TriagePipeline":
-        """Load the models (default $LESIONTRIAGE_MODELS, else the shipped ``models/``), verifying sha256."""
+    def from_dir(cls, path: str | Path | None = None, *, load_image_classifier: bool = True,
+                 ensemble: bool | None = None) -> "TriagePipeline":
+        """Load the models (default $LESIONTRIAGE_MODELS, else the shipped ``models/``), verifying sha256.
+
+        ``ensemble``: also load ``classifier_2`` and average the two classifiers' probabilities
+        (default: the ``pipeline.ensemble`` setting in metadata.json)."""
         models_dir = resolve_models_dir(path)
         meta = read_metadata(models_dir)
         models = meta.get("models", {})
@@ -77,6 +84,10 @@ class TriagePipeline:
             raise ModelError(f"no model installed yet: {models_dir / 'metadata.json'} lists no classifier")
         settings = PipelineSettings(**{k: v for k, v in meta.get("pipeline", {}).items()
                                        if k in PipelineSettings.__dataclass_fields__})
+        if ensemble is not None:
+            settings = replace(settings, ensemble=bool(ensemble))
+        if settings.ensemble and "classifier_2" not in models:
+            raise ModelError(f"ensemble requested but {models_dir / 'metadata.json'} lists no classifier_2")
         torch.set_num_threads(settings.torch_threads)
         classifier = cls._load_classifier(models_dir, models["classifier"])
         detector, det_cfg = None, None
@@ -89,8 +100,12 @@ class TriagePipeline:
         image_classifier = None
         if load_image_classifier and "image_classifier" in models:
             image_classifier = cls._load_classifier(models_dir, models["image_classifier"])
-        return cls(detector, det_cfg, classifier, models["classifier"], meta, image_classifier,
+        pipe = cls(detector, det_cfg, classifier, models["classifier"], meta, image_classifier,
                    models.get("image_classifier"), settings, models_dir)
+        if settings.ensemble:
+            pipe.second_classifier = cls._load_classifier(models_dir, models["classifier_2"])
+            pipe.second_clf_meta = models["classifier_2"]
+        return pipe
 
     @staticmethod
     def _load_classifier(models_dir: Path, entry: dict[str, Any]) -> LesionClassifier:
@@ -207,6 +222,10 @@ class TriagePipeline:
         t = time.perf_counter()
         probs, subs = self.classify(self._crop_batch(img.rgb, boxes, self.classifier.config)) if len(boxes) else \
             self.classify(torch.zeros(0))
+        if self.second_classifier is not None and len(boxes):
+            p2, s2 = self.classify(self._crop_batch(img.rgb, boxes, self.second_classifier.config),
+                                   self.second_classifier, self.second_clf_meta)
+            probs, subs = (probs + p2) / 2, (subs + s2) / 2
         timings["classify"] = (time.perf_counter() - t) * 1000
         names = self.classifier.config.subtypes
         lesions = [
