@@ -287,7 +287,10 @@ def train(
         from lesiontriage.paths import RUNS_DIR
         from lesiontriage.train.common import load_result, load_toml
 
-        out = load_result(RUNS_DIR / load_toml(cfg).get("name", _TRAIN_DEFAULTS[model]))
+        raw = load_toml(cfg)
+        out = load_result(RUNS_DIR / raw.get("name", _TRAIN_DEFAULTS[model]))
+        if raw.get("export_key"):  # a config edited after its run may name where it ships
+            out["config"]["export_key"] = raw["export_key"]
     else:
         out = run_training(cfg, resume=resume, manifest=manifest, data_root=data_root)
     console.print(f"best: {out['best']}")

@@ -612,3 +612,30 @@ def test_real_models_other_pages(page, monkeypatch):
     at = app_test().run()
     at.switch_page(page).run()
     assert not at.exception, at.exception
+
+
+@needs_models
+@pytest.mark.models
+def test_real_models_clinical_answers_and_management_suggestion(monkeypatch):
+    from lesiontriage.context_models import CombinedClinicalModel, ManagementModel
+
+    if CombinedClinicalModel.from_dir(MODELS_DIR) is None or ManagementModel.from_dir(MODELS_DIR) is None:
+        pytest.skip("context models not shipped (run `lesiontriage research`)")
+    monkeypatch.delenv("LESIONTRIAGE_MODELS", raising=False)
+    at = app_test()
+    at.default_timeout = 180
+    at.run()
+    at.selectbox(key="example").set_value("synthetic:1").run()
+    assert not at.exception, at.exception
+    before = float(next(m for m in at.metric if m.label == "Triage score").value)
+    assert "Combined image + clinical model used" not in texts(at)
+    at.number_input(key="cov_age").set_value(80).run()
+    at.button_group(key="cov_bleed").set_value("yes").run()
+    assert not at.exception, at.exception
+    assert "Combined image + clinical model used" in texts(at)
+    after = float(next(m for m in at.metric if m.label == "Triage score").value)
+    assert after != pytest.approx(before, abs=1e-3)
+    at.toggle(key="want_management").set_value(True).run()
+    assert not at.exception, at.exception
+    text = texts(at)
+    assert "Suggested management (research output)" in text and "not a clinical decision" in text

@@ -155,3 +155,54 @@ def test_cli_predict_folder_with_a_bad_file(photos, tmp_path):
     assert bad["status"].startswith("error:")
     good = df[df["status"] == "ok"]
     assert len(good) == 2 and all(isinstance(json.loads(x), list) for x in good["lesions"])
+
+
+def test_ensemble_option_averages_two_classifiers(tmp_path, photos, pipe):
+    """classifier_2 = a copy of classifier: the ensemble must reproduce the single model exactly;
+    asking for an ensemble without classifier_2 is a clear ModelError."""
+    from lesiontriage import TriagePipeline
+
+    copy = tmp_path / "models"
+    shutil.copytree(MODELS_DIR, copy, ignore=shutil.ignore_patterns("reports"))
+    meta = json.loads((copy / "metadata.json").read_text())
+    if "classifier_2" not in meta["models"]:
+        with pytest.raises(ModelError, match="classifier_2"):
+            TriagePipeline.from_dir(copy, ensemble=True)
+    meta["models"]["classifier_2"] = dict(meta["models"]["classifier"])
+    (copy / "metadata.json").write_text(json.dumps(meta))
+    both = TriagePipeline.from_dir(copy, ensemble=True)
+    single = TriagePipeline.from_dir(copy, ensemble=False)
+    assert both.second_classifier is not None and single.second_classifier is None
+    a, b = both.predict(photos[1]), single.predict(photos[1])
+    assert [l.p_malignant for l in a.lesions] == pytest.approx([l.p_malignant for l in b.lesions], abs=1e-5)
+
+
+def test_clinical_answers_change_the_result_through_the_shipped_combined_model(pipe, photos):
+    from lesiontriage.context_models import CombinedClinicalModel
+
+    model = CombinedClinicalModel.from_dir(MODELS_DIR)
+    if model is None:
+        pytest.skip("no models/clinical_combined.safetensors (run `lesiontriage research clinical`)")
+    base = pipe.predict(photos[0])
+    if not base.lesions:
+        pytest.skip("no lesion found on the generated photo")
+    old = model.apply(base, {"age": 85, "grew": "yes", "bleed": "yes", "changed": "yes"}, pipe)
+    young = model.apply(base, {"age": 20, "grew": "no", "bleed": "no", "changed": "no"}, pipe)
+    assert old.image_score > young.image_score
+    assert old.notes and "clinical covariates used" in old.notes[0] and not base.notes
+    assert model.apply(base, {}, pipe) is base
+
+
+def test_management_suggestion_from_the_shipped_model(pipe, photos):
+    from lesiontriage.context_models import ManagementModel
+
+    model = ManagementModel.from_dir(MODELS_DIR)
+    if model is None:
+        pytest.skip("no models/management.safetensors (run `lesiontriage research management`)")
+    alone = model.suggest(pipe, photos[0])
+    pair = model.suggest(pipe, photos[0], photos[1], {"sex": "female", "region": "trunk", "elevation3": "flat"})
+    for s in (alone, pair):
+        assert s.suggestion in s.probabilities and sum(s.probabilities.values()) == pytest.approx(1.0)
+    assert (alone.variant, pair.variant) == ("dermoscopy_only", "pair")
+    with pytest.raises(ImageError):
+        model.suggest(pipe, b"not an image")

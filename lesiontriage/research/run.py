@@ -293,8 +293,8 @@ def run_ensemble(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]] | None:
         run_dir = RUNS_DIR / run
         if (run_dir / "best.pt").exists() and (run_dir / "result.json").exists():
             members.append(FrozenClassifier.from_run(run_dir))
-        elif f"classifier_{run}" in ctx.meta["models"]:
-            members.append(FrozenClassifier.shipped(ctx.s.models_dir, f"classifier_{run}"))
+        elif "classifier_2" in ctx.meta["models"]:  # a fresh clone: the shipped ensemble member
+            members.append(FrozenClassifier.shipped(ctx.s.models_dir, "classifier_2"))
         else:
             log.warning("ensemble member %s not found (no %s/best.pt)", run, run_dir)
     if len(members) < 2:

@@ -57,6 +57,7 @@ class ClassifierTrainConfig:
     ckpt_every_steps: int = 100
     max_minutes: float = 70.0
     patience: int = 2
+    export_key: str = ""  # key in models/metadata.json (default: classifier / image_classifier by mode)
 
 
 def _sample_weights(rows: pd.DataFrame, shares: dict[str, float]) -> np.ndarray:

@@ -148,5 +148,5 @@ def export_run(model: str, out: dict[str, Any], *, data_root: Path | None = None
     models_dir.mkdir(parents=True, exist_ok=True)
     if model == "detector":
         return export_detector(out, models_dir)
-    key = "classifier" if model == "classifier" else "image_classifier"
+    key = out["config"].get("export_key") or ("classifier" if model == "classifier" else "image_classifier")
     return export_classifier(key, out, models_dir, data_root, manifest_path)
