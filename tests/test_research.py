@@ -199,3 +199,19 @@ def test_report_tables_format_cis_and_tolerate_gaps():
     assert list(table["strategy"]) == ["direct", "majority class (baseline)"]
     assert table.loc[0, "over-excision"] == 1 and table.loc[0, "under-excision"] == 1
     assert T.clinical_table({}).empty and T.ensemble_table({"splits": {}}).empty
+
+
+def test_evaluate_keeps_the_research_headline_keys(tmp_path):
+    import json
+
+    from lesiontriage.evaluate.run import carry_research_keys
+    from lesiontriage.research.run import merge_summary
+
+    prov = {"command": "lesiontriage research clinical"}
+    merge_summary(tmp_path, {"combined_auc": {"value": 0.97, "n": 184}}, prov)
+    fresh = {"lesion_auc": {"value": 0.9}}
+    out = carry_research_keys(tmp_path / "summary.json", fresh)
+    assert out["combined_auc"]["value"] == 0.97 and out["lesion_auc"]["value"] == 0.9
+    assert out["research_provenance"] == {"combined_auc": "lesiontriage research clinical"}
+    assert carry_research_keys(tmp_path / "absent.json", fresh) is fresh
+    assert json.loads((tmp_path / "summary.json").read_text())["combined_auc"]["n"] == 184
