@@ -28,16 +28,23 @@ COVARIATE_NOTE = "clinical covariates used: combined image + clinical model (log
 MANAGEMENT_NOTE = "Research output from a model fitted on derm7pt (expert-annotated dermoscopy); not a clinical decision."
 
 
-def _entry(models_dir: Path, key: str) -> dict[str, Any] | None:
-    meta = read_metadata(models_dir)
-    entry = meta.get("models", {}).get(key)
-    if entry is None or not (models_dir / entry["file"]).exists():
-        return None
-    return entry
+class _OptionalModel:
+    """Shared loading: ``metadata.json`` entry ``KEY`` + its sha256-checked weights, or None if not shipped."""
+
+    KEY = ""
+
+    @classmethod
+    def from_dir(cls, models_dir: Path):
+        entry = read_metadata(models_dir).get("models", {}).get(cls.KEY)
+        if entry is None or not (Path(models_dir) / entry["file"]).exists():
+            return None
+        return cls(entry, load_weights(Path(models_dir) / entry["file"], entry["sha256"]))
 
 
-class CombinedClinicalModel:
+class CombinedClinicalModel(_OptionalModel):
     """p_image (per lesion) + answers -> combined p (per lesion)."""
+
+    KEY = "clinical_combined"
 
     def __init__(self, entry: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
         from lesiontriage.research.covariates import CovariateEncoder
@@ -48,13 +55,6 @@ class CombinedClinicalModel:
         self.intercept = float(state["clinical_intercept"][0])
         self.stack_coef = state["stack_coef"].double().numpy()
         self.stack_intercept = float(state["stack_intercept"][0])
-
-    @classmethod
-    def from_dir(cls, models_dir: Path) -> "CombinedClinicalModel | None":
-        entry = _entry(models_dir, "clinical_combined")
-        if entry is None:
-            return None
-        return cls(entry, load_weights(models_dir / entry["file"], entry["sha256"]))
 
     def clinical_logit(self, answers: Mapping[str, Any]) -> float:
         from lesiontriage.research.covariates import form_to_frame
@@ -90,20 +90,15 @@ class ManagementSuggestion:
     note: str = MANAGEMENT_NOTE
 
 
-class ManagementModel:
+class ManagementModel(_OptionalModel):
     """Whole dermoscopy (+ clinical) image -> frozen classifier outputs -> multinomial logistic regression."""
+
+    KEY = "management"
 
     def __init__(self, entry: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
         self.entry = entry
         self.state = {k: v.double().numpy() for k, v in state.items()}
         self.classes = list(entry["classes"])
-
-    @classmethod
-    def from_dir(cls, models_dir: Path) -> "ManagementModel | None":
-        entry = _entry(models_dir, "management")
-        if entry is None:
-            return None
-        return cls(entry, load_weights(models_dir / entry["file"], entry["sha256"]))
 
     @staticmethod
     def _image_outputs(pipeline, image: Any) -> tuple[float, np.ndarray, np.ndarray]:

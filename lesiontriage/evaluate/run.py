@@ -754,11 +754,17 @@ def _image_row(rec: ImageRecord, kept: _Kept | None, t_img: float, kept_threshol
         row[T.IMAGE_SCORE_COLUMNS["direct.whole"]] = float(_sigmoid(z / t_img))
         row["logit_direct_whole"] = z
     c2 = st.get("c2")
-    if c2 is not None:  # one-step C=2: image score from the kept malignant-class boxes (label 2)
-        mal = (c2["labels"] == 2) & (c2["scores"] >= kept_threshold)
+    if c2 is not None:
+        # One-step C=2: image score from the malignant-class boxes (label 2) down to the detector's own
+        # score floor (0.05), not the 0.5 display threshold: a triage score must rank images, and with
+        # the 0.5 cut almost every image scored 0 (ISIC AUC 0.49 on the --limit 200 run).
+        mal = (c2["labels"] == 2) & (c2["scores"] >= C2_SCORE_FLOOR)
         for agg in T.AGGREGATIONS:
             row[T.IMAGE_SCORE_COLUMNS[f"one_step_c2.{agg}"]] = _aggregate(c2["scores"][mal], agg)
     return row
+
+
+C2_SCORE_FLOOR = 0.05  # = DetectorConfig.box_score_thresh: every malignant box the detector reports
 
 
 def _detection_rows(rec: ImageRecord, kept: _Kept) -> list[dict[str, Any]]:
