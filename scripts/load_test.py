@@ -128,7 +128,7 @@ async def upload(page, img: Path, stats: Stats, tries: int = 3) -> None:
     """Set the file and check the uploader took it (a file set while a re-run redraws the widget can be
     dropped by the browser; a user would simply pick it again)."""
     for attempt in range(tries):
-        await page.locator('input[type="file"]').set_input_files(str(img))
+        await page.locator('input[type="file"]').first.set_input_files(str(img))
         try:
             await page.locator(f'[data-testid="stFileChipName"][title="{img.name}"]').wait_for(timeout=5_000)
             return

@@ -233,7 +233,7 @@ def run_flow(browser, server: Server, scene: Path, tmp_path: Path, variant: str,
         assert box is not None and box["y"] + box["height"] <= VIEWPORT["height"], "intended use must be above the fold"
 
         # 1. first result (cold: the pipeline loads on the first page visit)
-        page.locator('input[type="file"]').set_input_files(str(scene))
+        page.locator('input[type="file"]').first.set_input_files(str(scene))
         expect(page.get_by_text("Triage score")).to_be_visible(timeout=first_timeout_s * 1000)
         expect(page.get_by_text(re.compile(r"lesions found", re.I)).first).to_be_visible()
         wait_idle(page)
@@ -279,7 +279,7 @@ def run_flow(browser, server: Server, scene: Path, tmp_path: Path, variant: str,
         # 5. a broken upload: an error with the reason, and the app keeps working
         bad = tmp_path / "broken.jpg"
         bad.write_bytes(b"not an image at all")
-        page.locator('input[type="file"]').set_input_files(str(bad))
+        page.locator('input[type="file"]').first.set_input_files(str(bad))
         expect(page.locator('[data-testid="stAlert"]', has_text="broken.jpg")).to_be_visible(timeout=30_000)
         expect(page.get_by_text("Triage score")).to_have_count(0)
         page.screenshot(path=str(ARTIFACTS / f"e2e_{variant}_bad_upload.png"))
@@ -289,7 +289,7 @@ def run_flow(browser, server: Server, scene: Path, tmp_path: Path, variant: str,
         expect(page.get_by_text("Skin-lesion triage", exact=True)).to_be_visible(timeout=30_000)
         wait_idle(page)
         t2 = time.perf_counter()
-        page.locator('input[type="file"]').set_input_files(str(scene))
+        page.locator('input[type="file"]').first.set_input_files(str(scene))
         expect(page.get_by_text("Triage score")).to_be_visible(timeout=30_000)
         wait_idle(page)
         timings["cached_rerun_s"] = round(time.perf_counter() - t2, 3)
