@@ -515,10 +515,21 @@ def synthetic_scene(seed: int) -> Image.Image:
         log.debug("make_demo_scene unavailable (%s): using the fallback scene", exc)
         return fallback_scene(seed)
     try:
-        return _as_pil(make_demo_scene(seed))
+        # Unstamped pixels are analysed (the detector boxed the "SYNTHETIC" text as a lesion); the page
+        # stamps the label on what it displays and exports (``stamp_synthetic``) and says so in a banner.
+        return _as_pil(make_demo_scene(seed, stamp=False))
     except Exception as exc:
         log.warning("make_demo_scene(%s) failed: %s; using the fallback scene", seed, exc)
         return fallback_scene(seed)
+
+
+def stamp_synthetic(rgb: np.ndarray) -> np.ndarray:
+    """A copy of ``rgb`` with the "SYNTHETIC" label in the bottom-left corner (display and export only)."""
+    from lesiontriage.data.demo_scene import _stamp
+
+    out = np.array(rgb, dtype=np.uint8, copy=True)
+    _stamp(out, "SYNTHETIC", max(12, max(out.shape[:2]) // 45))
+    return out
 
 
 def jpeg_bytes(image: Image.Image, quality: int = 92) -> bytes:

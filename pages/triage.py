@@ -168,6 +168,8 @@ with col_side:
         st.caption("Image quality checks passed (sharpness, exposure, resolution).")
     stem = sup.export_stem(name)
     display, display_problem = ui.display_image(data, result.width, result.height)
+    if uploaded is None and example_key and by_key[example_key].synthetic:
+        display = sup.stamp_synthetic(display)  # the label is shown, never analysed
     st.caption("Download this result (nothing is stored on the server; the PNG carries no EXIF):")
     d1, d2, d3 = st.columns(3)
     d1.download_button("JSON", sup.result_json(result), file_name=f"{stem}_triage.json", mime="application/json",
