@@ -586,15 +586,21 @@ needs_models = pytest.mark.skipif(not sup.model_installed(MODELS_DIR),
                                   reason="no trained model in models/ yet (models/metadata.json lists no classifier)")
 
 
-@needs_models
-@pytest.mark.models
-def test_real_models_triage_a_synthetic_scene(monkeypatch):
+def real_app_on_synthetic_example(monkeypatch):
+    """The app on the shipped models, after picking the first synthetic example."""
     monkeypatch.delenv("LESIONTRIAGE_MODELS", raising=False)
     at = app_test()
     at.default_timeout = 180
     at.run()
     at.selectbox(key="example").set_value("synthetic:1").run()
     assert not at.exception, at.exception
+    return at
+
+
+@needs_models
+@pytest.mark.models
+def test_real_models_triage_a_synthetic_scene(monkeypatch):
+    at = real_app_on_synthetic_example(monkeypatch)
     text = texts(at)
     assert "Triage score" in text and "Tier" in text
     assert "lesions found" in text.lower() or "No lesion found" in text
@@ -621,12 +627,7 @@ def test_real_models_clinical_answers_and_management_suggestion(monkeypatch):
 
     if CombinedClinicalModel.from_dir(MODELS_DIR) is None or ManagementModel.from_dir(MODELS_DIR) is None:
         pytest.skip("context models not shipped (run `lesiontriage research`)")
-    monkeypatch.delenv("LESIONTRIAGE_MODELS", raising=False)
-    at = app_test()
-    at.default_timeout = 180
-    at.run()
-    at.selectbox(key="example").set_value("synthetic:1").run()
-    assert not at.exception, at.exception
+    at = real_app_on_synthetic_example(monkeypatch)
     before = float(next(m for m in at.metric if m.label == "Triage score").value)
     assert "Combined image + clinical model used" not in texts(at)
     at.number_input(key="cov_age").set_value(80).run()
