@@ -104,7 +104,7 @@ with st.expander("Management suggestion (research output, dermoscopy images)"):
     else:
         want_management = st.toggle("This photo is a dermoscopy image: suggest management", key="want_management")
         clinical_upload = st.file_uploader("Optional: the clinical (non-dermoscopic) photo of the same lesion",
-                                           type=list(sup.UPLOAD_TYPES), key="clinical_upload")
+                                           type=list(sup.UPLOAD_TYPES), key="clinical_upload") if want_management else None
 
 # ---- run (cached on bytes + settings + model) -----------------------------------------------------
 t0 = time.perf_counter()
