@@ -107,12 +107,8 @@ class ManagementModel(_OptionalModel):
 
         img = pipeline.load(image)
         model = pipeline.classifier
-        batch = pipeline._normalise([_to_tensor(img.rgb)], model.config)
-        with torch.inference_mode():
-            f = model.features(batch)
-            logit = float(model.malignant_head(f).squeeze(-1).float()[0])
-            sub = torch.softmax(model.subtype_head(f).float(), dim=-1)[0].double().numpy()
-        return logit, sub, f.float()[0].double().numpy()
+        logit, sub, f = model.outputs(pipeline._normalise([_to_tensor(img.rgb)], model.config))
+        return float(logit[0]), sub[0].double().numpy(), f[0].double().numpy()
 
     def suggest(self, pipeline, dermoscopy: Any, clinical: Any | None = None,
                 answers: Mapping[str, Any] | None = None) -> ManagementSuggestion:

@@ -390,16 +390,11 @@ class Engine:
     def run_heads(self, model, batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw malignant logit [N], sub-type probabilities [N, C], pooled features [N, F]: the
         classifier's forward split at the pooled features (dropout is the identity in eval)."""
-        import torch
-
         if len(batch) == 0:
             c = len(model.config.subtypes)
             return np.zeros(0, np.float32), np.zeros((0, c), np.float32), np.zeros((0, 0), np.float32)
-        with torch.inference_mode():
-            f = model.features(batch)
-            logit = model.malignant_head(f).squeeze(-1).float()
-            sub = torch.softmax(model.subtype_head(f).float(), dim=-1)
-        return logit.numpy(), sub.numpy(), f.float().numpy()
+        logit, sub, f = model.outputs(batch)
+        return logit.numpy(), sub.numpy(), f.numpy()
 
     def detect_raw(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         boxes, scores = self.raw_pipe.detect(rgb)

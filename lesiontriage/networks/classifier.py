@@ -57,6 +57,16 @@ class LesionClassifier(nn.Module):
         f = self.dropout(self.trunk(x))
         return self.malignant_head(f).squeeze(-1), self.subtype_head(f)
 
+    @torch.inference_mode()
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inference split at the pooled features: raw malignant logit [N], sub-type probabilities
+        [N, C] and the pooled features [N, F] (float32), for studies and context models that need
+        all three from one forward pass."""
+        f = self.features(x)
+        logit = self.malignant_head(f).squeeze(-1).float()
+        sub = torch.softmax(self.subtype_head(f).float(), dim=-1)
+        return logit, sub, f.float()
+
     def heads(self) -> list[nn.Module]:
         return [self.malignant_head, self.subtype_head]
 

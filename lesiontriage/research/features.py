@@ -141,11 +141,8 @@ def extract_features(rows: pd.DataFrame, clf: FrozenClassifier, *, clahe: bool =
                 crops.append(apply_clahe(crop) if clahe else crop)
                 keys.append(r["path"])
             if crops:
-                with torch.inference_mode():
-                    f = clf.model.features(_to_batch(crops, cfg))
-                    logit = clf.model.malignant_head(f).squeeze(-1).float().numpy()
-                    sub = torch.softmax(clf.model.subtype_head(f).float(), dim=-1).numpy()
-                for k, lo, su, fe in zip(keys, logit, sub, f.float().numpy()):
+                logit, sub, f = (t.numpy() for t in clf.model.outputs(_to_batch(crops, cfg)))
+                for k, lo, su, fe in zip(keys, logit, sub, f):
                     cache[k] = (float(lo), su, fe)
             bar.update(len(chunk))
         bar.close()
