@@ -258,7 +258,7 @@ _TRAIN_DEFAULTS = {"detector": "detector", "classifier": "classifier", "image-cl
 
 @app.command("train")
 def train(
-    model: str = typer.Argument(..., help="detector | classifier | image-classifier | tiers (thresholds on validation)"),
+    model: str = typer.Argument(..., help="detector | classifier | image-classifier | box-rule | tiers (both chosen on validation)"),
     config: Optional[str] = typer.Option(None, "--config", help="TOML config (default: the packaged one for MODEL)"),
     resume: bool = typer.Option(False, "--resume", help="Continue from runs/<name>/checkpoint.pt"),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest parquet (default runs/data/manifest.parquet)"),
@@ -276,8 +276,18 @@ def train(
             for agg, thr in entry["thresholds"].items():
                 console.print(f"{mode:12s} {agg:9s} refer >= {thr['refer']:.3f}  urgent >= {thr['urgent']:.3f}")
         return
+    if model == "box-rule":
+        from lesiontriage.train.box_rule import choose_box_rule
+        from lesiontriage.train.common import command_line
+
+        record = choose_box_rule(manifest_path=manifest, data_root=data_root, command=command_line())
+        for row in record["table"]:
+            console.print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        console.print(f"chosen nested_containment = {record['nested_containment']}, flip_tta = {record['flip_tta']} "
+                      "(run `lesiontriage train tiers` next)")
+        return
     if model not in _TRAIN_DEFAULTS:
-        _fail(f"unknown model {model!r}; choose one of {', '.join(_TRAIN_DEFAULTS)}, tiers")
+        _fail(f"unknown model {model!r}; choose one of {', '.join(_TRAIN_DEFAULTS)}, box-rule, tiers")
     cfg = config or _TRAIN_DEFAULTS[model]
     if model == "detector":
         from lesiontriage.train.detector import run_training

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lesiontriage.aggregation import aggregate as aggregate_probs
+from lesiontriage.box_selection import BoxSelection
 from lesiontriage.errors import ImageError, ModelError
 from lesiontriage.imaging import LoadedImage, assess_quality, crop_with_margin, load_image
 from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier, MalignantLogitOnly
@@ -40,7 +41,9 @@ class PipelineSettings:
     decode_max_side: int = 2048  # crops come from this decode; the detector resizes further
     detector_score_threshold: float = 0.5
     max_lesions: int = 30
+    nested_containment: float = 0.0  # box_selection: drop parts of a lesion boxed inside it (0 = off)
     default_aggregate: str = "mean"
+    flip_tta: bool = False  # lesion classifier: average logits over identity + h-flip + v-flip (chosen on validation)
     torch_threads: int = 2
     ensemble: bool = False  # average the malignancy of classifier + classifier_2 (when installed)
 
@@ -115,17 +118,29 @@ class TriagePipeline:
         return model.eval().to(memory_format=torch.channels_last)
 
     # ---- stages -------------------------------------------------------------------------------------
-    def detect(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Boxes [K, 4] (xyxy, pixels of ``rgb``) and scores [K], score >= threshold, best first."""
+    @property
+    def box_selection(self) -> BoxSelection:
+        """The rule (from metadata.json) that turns raw detections into reported lesions."""
+        s = self.settings
+        return BoxSelection(s.detector_score_threshold, s.max_lesions, s.nested_containment)
+
+    def detect_raw(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every box the detector emits (its own score floor), best first: for evaluation and studies."""
         if self.detector is None:
             h, w = rgb.shape[:2]
             return np.array([[0, 0, w, h]], dtype=np.float32), np.ones(1, dtype=np.float32)
         with torch.inference_mode():
             out = self.detector([_to_tensor(rgb)])[0]
-        keep = out["scores"] >= self.settings.detector_score_threshold
-        boxes = out["boxes"][keep][: self.settings.max_lesions].numpy()
-        scores = out["scores"][keep][: self.settings.max_lesions].numpy()
-        return boxes.astype(np.float32), scores.astype(np.float32)
+        return out["boxes"].numpy().astype(np.float32), out["scores"].numpy().astype(np.float32)
+
+    def detect(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes [K, 4] (xyxy, pixels of ``rgb``) and scores [K] of the lesions kept by
+        :attr:`box_selection` (score cut, nested parts removed, count cap), best first."""
+        boxes, scores = self.detect_raw(rgb)
+        if self.detector is None:
+            return boxes, scores
+        keep = self.box_selection.select(boxes, scores)
+        return boxes[keep], scores[keep]
 
     def _crop_batch(self, rgb: np.ndarray, boxes: np.ndarray, cfg: ClassifierConfig) -> torch.Tensor:
         crops = [crop_with_margin(rgb, b.tolist(), margin=cfg.crop_margin, square=True) for b in boxes]
@@ -141,18 +156,32 @@ class TriagePipeline:
         return ((batch - mean) / std).contiguous(memory_format=torch.channels_last)
 
     def classify(self, batch: torch.Tensor, model: LesionClassifier | None = None,
-                 meta: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Temperature-scaled p_malignant [N] and sub-type probabilities [N, 8]."""
+                 meta: dict[str, Any] | None = None, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Temperature-scaled p_malignant [N] and sub-type probabilities [N, 8].
+
+        ``tta``: average the logits over the crop and its horizontal and vertical flips (a lesion has
+        no preferred orientation; the study in ``train box-rule`` decides whether it ships)."""
         model = model or self.classifier
         meta = meta or self.clf_meta
         if len(batch) == 0:
             return np.zeros(0, dtype=np.float32), np.zeros((0, len(model.config.subtypes)), dtype=np.float32)
-        with torch.inference_mode():
-            logit, sub = model(batch)
+        logit, sub = self.heads(model, batch, tta)
         t = float(meta.get("temperature", 1.0))
         p = torch.sigmoid(logit.float() / t).numpy()
         q = torch.softmax(sub.float(), dim=-1).numpy()
         return p, q
+
+    @staticmethod
+    def heads(model: LesionClassifier, batch: torch.Tensor, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw malignant logits [N] and sub-type logits [N, C], optionally flip-averaged."""
+        n = len(batch)
+        views = torch.cat([batch, batch.flip(-1), batch.flip(-2)]) if tta else batch
+        with torch.inference_mode():
+            logit, sub = model(views.contiguous(memory_format=torch.channels_last))
+        if tta:
+            logit = logit.float().view(3, n).mean(0)
+            sub = sub.float().view(3, n, -1).mean(0)
+        return logit, sub
 
     # ---- triage -------------------------------------------------------------------------------------
     def thresholds(self, mode: str, aggregate: str) -> tuple[dict[str, float], str]:
@@ -220,11 +249,12 @@ class TriagePipeline:
         boxes, det_scores = self.detect(img.rgb)
         timings["detect"] = (time.perf_counter() - t) * 1000
         t = time.perf_counter()
-        probs, subs = self.classify(self._crop_batch(img.rgb, boxes, self.classifier.config)) if len(boxes) else \
+        tta = self.settings.flip_tta
+        probs, subs = self.classify(self._crop_batch(img.rgb, boxes, self.classifier.config), tta=tta) if len(boxes) else \
             self.classify(torch.zeros(0))
         if self.second_classifier is not None and len(boxes):
             p2, s2 = self.classify(self._crop_batch(img.rgb, boxes, self.second_classifier.config),
-                                   self.second_classifier, self.second_clf_meta)
+                                   self.second_classifier, self.second_clf_meta, tta=tta)
             probs, subs = (probs + p2) / 2, (subs + s2) / 2
         timings["classify"] = (time.perf_counter() - t) * 1000
         names = self.classifier.config.subtypes

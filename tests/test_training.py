@@ -108,3 +108,35 @@ def test_tile_dataset_carries_box_classes_only_for_the_c2_detector():
         seen_c2.update(DetectionTileDataset([sample], long_side=200, tile=200, class_labels=True)[(0, draw)][1]["labels"].tolist())
         seen_one.update(DetectionTileDataset([sample], long_side=200, tile=200)[(0, draw)][1]["labels"].tolist())
     assert seen_c2 == {1, 2} and seen_one == {1}
+
+
+def test_classifier_continuation_starts_from_given_weights_and_scores_them_first(tiny, tmp_path, monkeypatch):
+    import lesiontriage.train.classifier as clf
+    from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier
+
+    root, manifest = tiny
+    start = LesionClassifier(ClassifierConfig.from_dict({"input_size": 64}), pretrained=False).state_dict()
+    start = {k: (v + 0.01 if v.is_floating_point() else v) for k, v in start.items()}
+    asked = []
+    monkeypatch.setattr(clf, "load_shipped_state", lambda key: asked.append(key) or start)
+    cfg = clf.ClassifierTrainConfig(name="tiny_cont", network={"input_size": 64}, sources=["ham10000"],
+                                    source_shares={"ham10000": 1.0}, epoch_samples=16, batch_size=8, warmup_epochs=0,
+                                    epochs=1, num_workers=0, bf16=False, init_from="classifier")
+    trainer = clf.ClassifierTrainer(cfg, manifest_path=manifest, data_root=root)
+    assert asked == ["classifier"]
+    assert torch.equal(trainer.model.state_dict()["malignant_head.weight"], start["malignant_head.weight"])
+    out = trainer.fit()
+    assert [h["epoch"] for h in out["history"]] == [-1, 0]
+    assert out["history"][0]["init_from"] == "classifier"
+    # the start point is the first "best": the run ships something only if it beats it
+    best = torch.load(tmp_path / "runs" / "tiny_cont" / "best.pt", weights_only=False)
+    assert best["epoch"] in (-1, 0)
+    assert out["best"]["score"] >= out["history"][0]["val_auc"]["macro"]
+
+
+def test_bf16_autocast_only_where_the_cpu_has_native_bf16():
+    from lesiontriage.train.common import cpu_has_native_bf16
+
+    assert cpu_has_native_bf16("flags\t: fpu avx2 avx512f avx512_bf16 amx_tile") is True
+    assert cpu_has_native_bf16("flags\t: fpu avx2 amx_bf16") is True
+    assert cpu_has_native_bf16("flags\t: fpu sse4_2 avx2 fma") is False

@@ -58,6 +58,7 @@ class ClassifierTrainConfig:
     max_minutes: float = 70.0
     patience: int = 2
     export_key: str = ""  # key in models/metadata.json (default: classifier / image_classifier by mode)
+    init_from: str = ""  # a model key in models/metadata.json to continue from (sha256-verified) instead of ImageNet
 
 
 def _sample_weights(rows: pd.DataFrame, shares: dict[str, float]) -> np.ndarray:
@@ -146,7 +147,9 @@ class ClassifierTrainer:
         pos_weight, cw = _loss_weights(self.train_rows, self.weights)
         self.bce = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
         self.ce = nn.CrossEntropyLoss(weight=cw, label_smoothing=cfg.label_smoothing, ignore_index=-100)
-        self.model = LesionClassifier(self.net_cfg, pretrained=True).to(memory_format=torch.channels_last)
+        self.model = LesionClassifier(self.net_cfg, pretrained=not cfg.init_from).to(memory_format=torch.channels_last)
+        if cfg.init_from:
+            self.model.load_state_dict(load_shipped_state(cfg.init_from))
         self.steps_per_epoch = cfg.epoch_samples // cfg.batch_size
 
     def _epoch_indices(self, epoch: int) -> np.ndarray:
@@ -166,6 +169,15 @@ class ClassifierTrainer:
             {"params": heads, "lr": self.cfg.head_lr / 3},
         ], weight_decay=self.cfg.weight_decay)
 
+    def _score_start_point(self, best_path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Validation AUC of the init_from weights, saved as best.pt (epoch -1)."""
+        mal_logits, _ = predict_logits(self.model, self.val_ds, bf16=self.cfg.bf16, flip_tta=False)
+        aucs = strata_auc(self.val_rows, mal_logits)
+        print(f"start point ({self.cfg.init_from}): val AUC macro {aucs['macro']:.4f} pooled {aucs['pooled']:.4f}", flush=True)
+        save_checkpoint(best_path, model=self.model.state_dict(), epoch=-1, val_auc=aucs)
+        entry = {"epoch": -1, "warmup": False, "init_from": self.cfg.init_from, "val_auc": aucs, "improved": True, "minutes": 0.0}
+        return [entry], {"score": aucs["macro"], "epoch": -1, "val_auc": aucs}
+
     def fit(self, resume: bool = False) -> dict[str, Any]:
         cfg = self.cfg
         ckpt_path, best_path = self.run_dir / "checkpoint.pt", self.run_dir / "best.pt"
@@ -176,6 +188,9 @@ class ClassifierTrainer:
             self.model.load_state_dict(state["model"])
             start_epoch, start_step, history, best = state["epoch"], state["step"], state["history"], state["best"]
             log.info("resuming at epoch %d step %d", start_epoch, start_step)
+        if not state and cfg.init_from:
+            # A continuation must beat the model it starts from, so that model is the first "best".
+            history, best = self._score_start_point(best_path)
         timer = Timer()
         bad_epochs = sum(1 for h in history if h.get("improved") is False and h["epoch"] > best["epoch"])
         for epoch in range(start_epoch, total_epochs):
@@ -242,6 +257,16 @@ class ClassifierTrainer:
             if timer.elapsed > cfg.max_minutes * 60 or bad_epochs >= cfg.patience:
                 break
         return {"history": history, "best": best, "run_dir": str(self.run_dir)}
+
+
+def load_shipped_state(key: str, models_dir: Path | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of a shipped model (``models/<key>.safetensors``), verified against metadata.json."""
+    from lesiontriage.paths import MODELS_DIR
+    from lesiontriage.weights import load_weights, read_metadata
+
+    models_dir = Path(models_dir or MODELS_DIR)
+    entry = read_metadata(models_dir)["models"][key]
+    return load_weights(models_dir / entry["file"], entry["sha256"])
 
 
 def run_training(config_path: str, resume: bool = False, manifest: Path | None = None, data_root: Path | None = None,
