@@ -94,7 +94,11 @@ def _load(pipe, r: pd.Series, squash: bool, data_root: Path | None):
 def collect(pipe, rows: pd.DataFrame, study: BoxRuleStudy, data_root: Path | None, cache_dir: Path) -> list[PhotoDetections]:
     """Detections + per-box malignancy (the shipped classifier, temperature-scaled) for every photo."""
     meta = pipe.metadata["models"]
-    dets = _raw_detections(pipe, rows, study, data_root, cache_dir / f"det_{meta['detector']['sha256'][:12]}_{len(rows)}.pkl")
+    tag = f"{meta['detector']['sha256'][:12]}_{len(rows)}"
+    classified = cache_dir / f"photos_{tag}_{meta['classifier']['sha256'][:12]}.pkl"
+    if classified.exists():  # re-deciding with other candidates costs no network run
+        return pickle.loads(classified.read_bytes())
+    dets = _raw_detections(pipe, rows, study, data_root, cache_dir / f"det_{tag}.pkl")
     photos = []
     for d in tqdm(dets, desc="classify detections"):
         if len(d["boxes"]):
@@ -105,6 +109,7 @@ def collect(pipe, rows: pd.DataFrame, study: BoxRuleStudy, data_root: Path | Non
             p = p_tta = np.zeros(0)
         photos.append(PhotoDetections(d["stratum"], d["y"], d["boxes"], d["scores"], np.asarray(p, dtype=np.float64),
                                       np.asarray(p_tta, dtype=np.float64)))
+    classified.write_bytes(pickle.dumps(photos))
     return photos
 
 
