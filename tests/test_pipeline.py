@@ -206,3 +206,39 @@ def test_management_suggestion_from_the_shipped_model(pipe, photos):
     assert (alone.variant, pair.variant) == ("dermoscopy_only", "pair")
     with pytest.raises(ImageError):
         model.suggest(pipe, b"not an image")
+
+
+def test_box_selection_and_flip_tta_follow_the_settings(pipe, photos):
+    """The shipped settings (chosen by `train box-rule`) are what predict() applies: nested parts of
+    a lesion are dropped, and TTA averages the flipped crops' logits."""
+    import dataclasses
+
+    import torch
+
+    from lesiontriage.pipeline import TriagePipeline
+
+    class FixedDetector(torch.nn.Module):
+        def forward(self, images):
+            h, w = images[0].shape[-2:]
+            boxes = torch.tensor([[0.1 * w, 0.1 * h, 0.6 * w, 0.6 * h],   # a lesion
+                                  [0.2 * w, 0.2 * h, 0.3 * w, 0.3 * h],   # a part inside it
+                                  [0.7 * w, 0.7 * h, 0.9 * w, 0.9 * h]])  # another lesion
+            return [{"boxes": boxes, "scores": torch.tensor([0.9, 0.8, 0.7])}]
+
+    def variant(**settings) -> TriagePipeline:
+        p = TriagePipeline(FixedDetector(), pipe.det_cfg, pipe.classifier, pipe.clf_meta, pipe.metadata,
+                           settings=dataclasses.replace(pipe.settings, **settings))
+        return p
+
+    off = variant(nested_containment=0.0, flip_tta=False).predict(photos[0])
+    on = variant(nested_containment=0.8, flip_tta=False).predict(photos[0])
+    assert off.n_lesions == 3 and on.n_lesions == 2
+    assert [l.detector_score for l in on.lesions] == pytest.approx([0.9, 0.7])
+    tta = variant(nested_containment=0.8, flip_tta=True).predict(photos[0])
+    batch = pipe._crop_batch(pipe.load(photos[0]).rgb, np.array([on.lesions[0].box], np.float32), pipe.classifier.config)
+    with torch.inference_mode():
+        views = [pipe.classifier(v)[0].float() for v in (batch, batch.flip(-1), batch.flip(-2))]
+    t = float(pipe.clf_meta.get("temperature", 1.0))
+    expected = torch.sigmoid(torch.stack(views).mean(0) / t).item()
+    assert tta.lesions[0].p_malignant == pytest.approx(expected, abs=1e-4)
+    assert on.lesions[0].p_malignant == pytest.approx(torch.sigmoid(views[0] / t).item(), abs=1e-4)
