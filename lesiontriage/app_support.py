@@ -269,6 +269,28 @@ def decode_for_display(data: bytes, max_side: int = 1600) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8).copy()
 
 
+# Streamlit shrinks a wider image to this width and re-encodes it on every script run; an image
+# handed over already this small, as JPEG bytes, is passed through untouched (see display_jpeg).
+DISPLAY_MAX_WIDTH = 1460
+
+
+def display_jpeg(image: np.ndarray | Image.Image, max_width: int = DISPLAY_MAX_WIDTH, quality: int = 90) -> bytes:
+    """JPEG bytes for showing in the page, at most ``max_width`` wide (the app caches them per result,
+    so a re-run sends the same bytes instead of re-drawing, resizing and re-encoding the photo)."""
+    im = (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))).convert("RGB")
+    if im.width > max_width:
+        im = im.resize((max_width, max(1, round(im.height * max_width / im.width))), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def drawing_key(result: TriageResult) -> tuple:
+    """What the boxed photo depends on (boxes and their colours): a small, hashable cache key."""
+    return tuple((lesion.index, tuple(round(float(v), 2) for v in lesion.box), round(float(lesion.p_malignant), 4))
+                 for lesion in result.lesions)
+
+
 def png_bytes(image: np.ndarray | Image.Image) -> bytes:
     """PNG with pixels only: a fresh image from the pixel array, so no EXIF, GPS, text or ICC chunk."""
     arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.uint8)
@@ -829,13 +851,41 @@ def embedding_figure(df: pd.DataFrame, title: str = ""):
     return fig
 
 
+MALIGNANT_SUBTYPES = ("MEL", "BCC", "AKIEC")  # drawn red (as in lesiontriage.data.schema.MALIGNANT_CODES)
+
+
+def subtype_bars_html(subtypes: dict[str, float]) -> str:
+    """One lesion's sub-type probabilities as plain HTML bars, most likely first (red: malignant types).
+
+    What the triage page shows: the same chart as :func:`subtype_figure` without plotly, whose
+    4.7 MB script a browser would otherwise load and run for this one small chart on every page load.
+    Only fixed sub-type names and numbers go in (nothing from the user), escaped anyway.
+    """
+    import html
+
+    rows = []
+    for code, p in sorted(subtypes.items(), key=lambda kv: -kv[1]):
+        p = min(1.0, max(0.0, float(p))) if math.isfinite(float(p)) else 0.0
+        label = html.escape(f"{code} - {SUBTYPE_NAMES.get(code, code)}")
+        colour = "#d7191c" if code in MALIGNANT_SUBTYPES else "#2b83ba"
+        rows.append(
+            '<div style="display:flex;align-items:center;gap:0.5rem;margin:0.15rem 0;font-size:0.8rem;line-height:1.1">'
+            f'<span style="flex:0 0 46%;text-align:right;white-space:nowrap;overflow:hidden;text-overflow:ellipsis" '
+            f'title="{label}">{label}</span>'
+            '<span style="flex:1 1 auto;height:0.95rem;background:rgba(128,128,128,0.15)">'
+            f'<span style="display:block;height:100%;width:{p * 100:.1f}%;background:{colour}"></span></span>'
+            f'<span style="flex:0 0 2.6rem;text-align:right">{p:.0%}</span></div>')
+    return ('<div role="figure" aria-label="Sub-type probabilities of this lesion">' + "".join(rows)
+            + '<div style="font-size:0.75rem;opacity:0.7;text-align:right">probability (red: malignant types)</div></div>')
+
+
 def subtype_figure(subtypes: dict[str, float]):
-    """Horizontal bar chart of one lesion's sub-type probabilities."""
+    """Horizontal bar chart of one lesion's sub-type probabilities (plotly; the page uses subtype_bars_html)."""
     import plotly.graph_objects as go
 
     items = sorted(subtypes.items(), key=lambda kv: kv[1])
     fig = go.Figure(go.Bar(x=[v for _, v in items], y=[f"{k} - {SUBTYPE_NAMES.get(k, k)}" for k, _ in items],
-                           orientation="h", marker_color=["#d7191c" if k in ("MEL", "BCC", "AKIEC") else "#2b83ba" for k, _ in items],
+                           orientation="h", marker_color=["#d7191c" if k in MALIGNANT_SUBTYPES else "#2b83ba" for k, _ in items],
                            text=[f"{v:.0%}" for _, v in items], textposition="auto"))
     fig.update_layout(xaxis=dict(range=[0, 1], tickformat=".0%"), height=300, margin=dict(l=10, r=10, t=10, b=10),
                       xaxis_title="probability (red: malignant types)")

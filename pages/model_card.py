@@ -36,10 +36,14 @@ if meta is not None:
     for key, m in (meta.get("models") or {}).items():
         if not isinstance(m, dict):
             continue
-        rows.append({"model": key, "architecture": m.get("architecture", ""), "input": str(m.get("input_size", "")),
-                     "dtype": m.get("dtype", ""), "temperature": m.get("temperature", ""),
+        size, temp = m.get("input_size"), m.get("temperature")
+        if isinstance(size, dict):  # e.g. the detector's {"long_side": 896}
+            size = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in size.items())
+        rows.append({"model": key, "architecture": m.get("architecture", ""), "input": "" if size is None else str(size),
+                     "dtype": m.get("dtype") or "",
+                     "temperature": f"{temp:.3f}" if isinstance(temp, (int, float)) else (temp or ""),
                      "file": m.get("file", ""), "sha256": str(m.get("sha256", ""))[:16],
-                     "exported": m.get("exported", "")})
+                     "exported": m.get("exported") or ""})
     if rows:
         st.dataframe(pd.DataFrame(rows).astype(str), hide_index=True, width="stretch")
     st.markdown(f"- **Weights licence:** {meta.get('weights_licence', 'non-commercial research and education only')}")

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import time
 
+import pandas as pd
 import streamlit as st
 
 from lesiontriage import app_support as sup
@@ -14,6 +15,9 @@ from lesiontriage.research.covariates import any_answer
 from pages import ui_common as ui
 
 log = logging.getLogger("lesiontriage.app")
+
+TABLE_HEADER_PX = 35  # the lesion table's header row (Streamlit's data grid)
+TABLE_MAX_ROWS = 8  # rows shown before the table scrolls
 
 ui.ensure_navigation()
 ui.intended_use_banner()
@@ -70,7 +74,8 @@ with st.expander("Advanced options"):
         disabled="image_classifier" not in meta_models, key="whole_image",
         help="The direct whole-image classifier of the seed paper. Needs models/image_classifier.safetensors.")
 
-image_hash = hashlib.sha256(data).hexdigest()[:16]
+image_sha = hashlib.sha256(data).hexdigest()  # the cache key of this photo (see ui_common)
+image_hash = image_sha[:16]  # widget keys
 key_model = sup.model_key(pipe)
 combined_model, management_model, context_problem = ui.context_models(key_model)
 if context_problem:
@@ -107,25 +112,45 @@ with st.expander("Management suggestion (research output, dermoscopy images)"):
                                            type=list(sup.UPLOAD_TYPES), key="clinical_upload") if want_management else None
 
 # ---- run (cached on bytes + settings + model) -----------------------------------------------------
-t0 = time.perf_counter()
-problem: str | None = None
-with st.status("Analysing the photo: decoding, checking quality, detecting lesions, classifying each lesion...",
-               expanded=False) as status:
+def analyse() -> tuple[object | None, str | None]:
+    """(result, None) or (None, the reason in one line): the app keeps working whatever the file."""
     try:
-        base = ui.predict_cached(data, name, whole_image, key_model)
+        return ui.predict_cached(image_sha, name, whole_image, key_model, data), None
     except (ImageError, ModelError) as exc:
-        problem = str(exc)
-    except Exception as exc:  # the app keeps working; the reason is shown in one line
+        return None, str(exc)
+    except Exception as exc:
         log.exception("prediction failed for %s", name)
-        problem = f"{name}: could not be analysed ({type(exc).__name__}: {exc})."
+        return None, f"{name}: could not be analysed ({type(exc).__name__}: {exc})."
+
+
+def analysed_label(elapsed: float, stages: str) -> str:
+    return f"Analysed in {elapsed:.2f} s" + (" (cached result)" if elapsed < 0.05 else "") + f" - {stages}"
+
+
+run_key = (image_sha, name, whole_image, key_model)
+t0 = time.perf_counter()
+if ui.analysed_before(run_key):
+    # Cached result: no progress box (st.status pauses every run to animate it); the same collapsed
+    # line with the stage timings, at once.
+    base, problem = analyse()
     if problem is None:
         elapsed = time.perf_counter() - t0
         stages = " · ".join(f"{k} {v:.0f} ms" for k, v in base.timings_ms.items() if k != "total")
-        st.write(f"Model stages: {stages}")
-        status.update(label=f"Analysed in {elapsed:.2f} s" + (" (cached result)" if elapsed < 0.05 else "")
-                      + f" - {stages}", state="complete")
-    else:
-        status.update(label="This file could not be analysed", state="error")
+        with st.expander(analysed_label(elapsed, stages), icon=":material/check:"):
+            st.write(f"Model stages: {stages}")
+else:
+    with st.status("Analysing the photo: decoding, checking quality, detecting lesions, classifying each lesion...",
+                   expanded=False) as status:
+        base, problem = analyse()
+        if problem is None:
+            elapsed = time.perf_counter() - t0
+            stages = " · ".join(f"{k} {v:.0f} ms" for k, v in base.timings_ms.items() if k != "total")
+            st.write(f"Model stages: {stages}")
+            status.update(label=analysed_label(elapsed, stages), state="complete")
+        else:
+            status.update(label="This file could not be analysed", state="error")
+    if problem is None:
+        ui.remember_analysed(run_key)
 if problem is not None:  # outside the collapsed status box, so it cannot be missed
     st.error(problem, icon=":material/broken_image:")
     st.caption("Try another photo: JPEG, PNG, WebP, HEIC or TIFF of skin, at least a few hundred pixels wide.")
@@ -134,59 +159,86 @@ if problem is not None:  # outside the collapsed status box, so it cannot be mis
 # ---- aggregation (no model re-run) ----------------------------------------------------------------
 two_stage = base.mode == "two_stage"
 default_agg = getattr(getattr(pipe, "settings", None), "default_aggregate", "mean")
-agg = st.session_state.get("aggregation") or default_agg
-result = pipe.reaggregate(base, agg) if two_stage and agg != base.aggregate else base
 covariates_used = combined_model is not None and two_stage and any_answer(answers)
-if covariates_used:
-    result = combined_model.apply(result, answers, pipe)
+synthetic = uploaded is None and bool(example_key) and by_key[example_key].synthetic
+
+
+def scored(agg: str):
+    """The cached model run under aggregation ``agg`` (+ the clinical answers): no network runs."""
+    out = pipe.reaggregate(base, agg) if two_stage and agg != base.aggregate else base
+    return combined_model.apply(out, answers, pipe) if covariates_used else out
+
+
+def current_aggregation() -> str:
+    return st.session_state.get("aggregation") or default_agg
+
+
+result = scored(current_aggregation())
 n = result.n_lesions
 
+
 # ---- headline ---------------------------------------------------------------------------------------
-col_image, col_side = st.columns([3, 2], gap="medium")
-with col_side:
+@st.fragment
+def headline() -> None:
+    """Score, tier, aggregation selector and downloads. A fragment: switching the aggregation re-runs
+    only this part (everything else on the page does not depend on the aggregation)."""
+    res = scored(current_aggregation())
     m1, m2 = st.columns(2)
-    m1.metric("Triage score", f"{result.image_score:.2f}",
+    m1.metric("Triage score", f"{res.image_score:.2f}",
               help="Image-level malignancy score in [0, 1] from the chosen aggregation of lesion probabilities.")
     m2.metric("Lesions found", n if two_stage else "-")
     if covariates_used:
         st.info("**Combined image + clinical model used**: lesion probabilities, score and tier include your "
                 "answers under *Clinical information*.", icon=":material/person:")
-    colour = sup.TIER_COLOURS.get(result.tier.name, "gray")
-    st.markdown(f"#### Tier: :{colour}-background[:{colour}[{result.tier.name.upper()}]]")
-    st.markdown(result.tier.reason)
+    colour = sup.TIER_COLOURS.get(res.tier.name, "gray")
+    st.markdown(f"#### Tier: :{colour}-background[:{colour}[{res.tier.name.upper()}]]")
+    st.markdown(res.tier.reason)
     if two_stage:
         st.segmented_control(
             "Aggregation", options=list(sup.AGGREGATIONS), format_func=sup.AGGREGATIONS.get,
             default=default_agg, key="aggregation", required=True, help=sup.AGGREGATION_HELP)
-        st.caption(sup.aggregation_sentence(result.aggregate, n, result.image_score))
+        st.caption(sup.aggregation_sentence(res.aggregate, n, res.image_score) + threshold_sentence(res))
     else:
-        st.caption("Whole-image mode: one score for the whole photo; aggregation does not apply.")
-    if result.quality and result.quality.warnings:
-        for w in result.quality.warnings:
+        st.caption("Whole-image mode: one score for the whole photo; aggregation does not apply."
+                   + threshold_sentence(res))
+    if res.quality and res.quality.warnings:
+        for w in res.quality.warnings:
             st.warning(f"Image quality: {w}", icon=":material/warning:")
-    elif result.quality:
+    elif res.quality:
         st.caption("Image quality checks passed (sharpness, exposure, resolution).")
     stem = sup.export_stem(name)
-    display, display_problem = ui.display_image(data, result.width, result.height)
-    if uploaded is None and example_key and by_key[example_key].synthetic:
-        display = sup.stamp_synthetic(display)  # the label is shown, never analysed
     st.caption("Download this result (nothing is stored on the server; the PNG carries no EXIF):")
     d1, d2, d3 = st.columns(3)
-    d1.download_button("JSON", sup.result_json(result), file_name=f"{stem}_triage.json", mime="application/json",
+    d1.download_button("JSON", sup.result_json(res), file_name=f"{stem}_triage.json", mime="application/json",
                        icon=":material/download:", on_click="ignore", help="Full result, current aggregation")
-    d2.download_button("CSV", sup.result_csv(result), file_name=f"{stem}_triage.csv", mime="text/csv",
+    d2.download_button("CSV", sup.result_csv(res), file_name=f"{stem}_triage.csv", mime="text/csv",
                        icon=":material/download:", on_click="ignore", help="Table: one row per lesion")
-    d3.download_button("PNG", lambda: sup.png_bytes(sup.annotate(display, result, highlight=None)),
+    # The PNG (a large image) is encoded only when clicked (a deferred callable: no Streamlit call in it).
+    d3.download_button("PNG", lambda: sup.png_bytes(ui.export_image(data, res, synthetic)),
                        file_name=f"{stem}_annotated.png", mime="image/png", icon=":material/download:",
                        on_click="ignore", help="Annotated image with the colour legend, no EXIF")
-
-if two_stage and n == 0:
-    with col_side:
+    if two_stage and n == 0:
         st.warning(
-            "**No lesion found.** " + result.tier.reason + "\n\n"
+            "**No lesion found.** " + res.tier.reason + "\n\n"
             "- If you can see a lesion, take the photo closer (the lesion filling at least a tenth of the frame), "
             "in focus and in even light.\n- Or try *Whole-image mode* under Advanced options.\n"
             "- A clinician should still examine any lesion that worries you.", icon=":material/search_off:")
+
+
+def threshold_sentence(res) -> str:
+    """' Tier thresholds ...' for the result's mode and aggregation ('' when the pipeline has none)."""
+    if not hasattr(pipe, "thresholds"):
+        return ""
+    try:
+        thr, src = pipe.thresholds(res.mode, res.aggregate if res.mode == "two_stage" else "whole")
+        return f" Tier thresholds: refer {thr['refer']:.2f} / urgent {thr['urgent']:.2f}, chosen on {src}."
+    except Exception:
+        return ""
+
+
+col_image, col_side = st.columns([3, 2], gap="medium")
+with col_side:
+    headline()
 
 # ---- lesion selection -------------------------------------------------------------------------------
 order = sup.lesions_by_probability(result)
@@ -196,9 +248,10 @@ if n and pick_key not in st.session_state:
 selected = st.session_state.get(pick_key) if n else None
 
 with col_image:
+    shown, display_problem = ui.annotated_jpeg(image_sha, result.width, result.height, synthetic, selected,
+                                               sup.drawing_key(result), data, result)
     if display_problem:
         st.warning(display_problem)
-    shown = sup.annotate(display, result, highlight=selected)
     cap = f"{name} ({result.width} x {result.height} px)"
     if n:
         cap += f". {n} lesion{'s' if n != 1 else ''} found, box colour = p(malignant); lesion #{selected + 1} highlighted."
@@ -208,7 +261,7 @@ with col_image:
 if n:
     st.subheader(f"{n} lesion{'s' if n != 1 else ''} found")
     st.caption("Sorted by probability of malignancy. Click a row to highlight that lesion and show its details.")
-    thumbs = ui.thumbnails(data, name, whole_image, key_model, base)
+    thumbs = ui.thumbnails(image_sha, name, whole_image, key_model, data, base)
     table = sup.lesion_table(result, thumbs)
 
     table_key = f"lesion_table_{image_hash}_{int(whole_image)}"
@@ -220,6 +273,7 @@ if n:
 
     st.dataframe(
         table, hide_index=True, width="stretch", row_height=64, key=table_key,
+        height=TABLE_HEADER_PX + 64 * min(n, TABLE_MAX_ROWS) + 2,  # every row visible up to TABLE_MAX_ROWS
         on_select=_on_table_select, selection_mode="single-row",
         column_config={
             "lesion": st.column_config.TextColumn("Lesion", width="small"),
@@ -230,16 +284,18 @@ if n:
             "detector_confidence": st.column_config.NumberColumn("Detector confidence", format="%.2f"),
             "size_px": st.column_config.TextColumn("Box (px)", width="small"),
         })
+    if n > TABLE_MAX_ROWS:
+        st.caption(f"Showing {TABLE_MAX_ROWS} rows at a time: scroll the table for all {n} lesions.")
 
     st.selectbox("Lesion details", options=order, key=pick_key,
                  format_func=lambda i: f"#{i + 1}: p(malignant) {result.lesions[i].p_malignant:.2f}, "
                                        f"most like {result.lesions[i].top_subtype}")
     lesion = result.lesions[selected]
-    crops = ui.lesion_crops(data, name, whole_image, key_model, base)
+    crops = ui.crop_jpegs(image_sha, name, whole_image, key_model, data, base)
     c_crop, c_cam, c_sub = st.columns([1, 1, 2])
     with c_crop:
         if selected < len(crops):
-            st.image(crops[selected], caption=f"Lesion #{selected + 1} with context", width=224)
+            st.image(crops[selected], caption=f"Lesion #{selected + 1} with context", width=224, output_format="JPEG")
         st.caption(f"Detector confidence {lesion.detector_score:.2f} · box "
                    + ", ".join(f"{v:.0f}" for v in lesion.box))
     with c_cam:
@@ -247,7 +303,7 @@ if n:
         if st.session_state.get(cam_flag):
             with st.spinner("Computing Grad-CAM..."):
                 try:
-                    heat = ui.gradcam_cached(data, name, selected, key_model, base)
+                    heat = ui.gradcam_cached(image_sha, name, selected, key_model, data, base)
                     st.image(heat, caption=f"Grad-CAM, lesion #{selected + 1}: where the malignancy score looks",
                              width=224)
                 except Exception as exc:
@@ -258,7 +314,8 @@ if n:
             st.rerun()
     with c_sub:
         if lesion.subtypes:
-            st.plotly_chart(sup.subtype_figure(lesion.subtypes), width="stretch", key=f"sub_{image_hash}_{selected}")
+            st.caption("Sub-type probabilities")
+            st.markdown(sup.subtype_bars_html(lesion.subtypes), unsafe_allow_html=True)
 
 # ---- management suggestion (research output) -----------------------------------------------------------
 if management_model is not None and want_management:
@@ -281,16 +338,8 @@ if management_model is not None and want_management:
 
 # ---- timings ------------------------------------------------------------------------------------------
 with st.expander("Per-stage timings and model"):
-    st.dataframe(
-        [{"stage": k, "ms": round(v, 1)} for k, v in base.timings_ms.items()]
-        + [{"stage": "app total (this run, incl. cache lookup)", "ms": round(elapsed * 1000, 1)}],
-        hide_index=True)
-    thr_src = ""
-    if hasattr(pipe, "thresholds"):
-        try:
-            thr, thr_src = pipe.thresholds(result.mode, result.aggregate if two_stage else "whole")
-            thr_src = f"Tier thresholds refer {thr['refer']:.2f} / urgent {thr['urgent']:.2f}, chosen on {thr_src}."
-        except Exception:
-            thr_src = ""
-    st.caption(f"Model version {result.model_version or 'unknown'} · mode {result.mode} · aggregation "
-               f"{result.aggregate}. {thr_src}")
+    timing_rows = [{"stage": k, "ms": f"{v:.1f}"} for k, v in base.timings_ms.items()]
+    timing_rows.append({"stage": "app total (this run, incl. cache lookup)", "ms": f"{elapsed * 1000:.1f}"})
+    st.table(pd.DataFrame(timing_rows).set_index("stage"))  # a plain table: no data grid to start up
+    st.caption(f"Model version {result.model_version or 'unknown'} · mode {result.mode}. The aggregation and its "
+               "tier thresholds are shown under the aggregation selector.")

@@ -2,21 +2,25 @@
 
 Not a page (st.navigation in app.py lists the pages explicitly). Caches:
 - the pipeline once per process (``st.cache_resource``);
-- results, display images, crops and Grad-CAM by image bytes + settings + model key
-  (``st.cache_data``), so a re-run on the same photo and an aggregation switch run no network.
+- results, display images (already encoded), crops and Grad-CAM by the photo's sha256 + settings +
+  model key (``st.cache_data``), so a re-run on the same photo and an aggregation switch run no
+  network and re-encode no image.
 Uploads stay in memory: nothing here writes an image to disk.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import runpy
 import threading
+from collections import OrderedDict
 from typing import Any
 
 from pathlib import Path
 
 import numpy as np
 import streamlit as st
+from PIL import Image
 
 from lesiontriage import app_support as sup
 from lesiontriage.results import INTENDED_USE
@@ -67,9 +71,23 @@ def intended_use_banner() -> None:
 
 # ---- pipeline ---------------------------------------------------------------------------------------
 
+def freeze_long_lived_objects() -> None:
+    """Move everything alive now (imported modules, loaded networks) out of the garbage collector's reach.
+
+    Streamlit runs a full ``gc.collect(2)`` after every script run, fragment runs included; with the
+    networks loaded that walks ~500k objects, ~0.25 s holding the GIL, during which the server
+    cannot send the finished page to the browser. The models stay loaded for the life of the process,
+    so they need no scanning: after ``gc.freeze()`` that collection takes a millisecond.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 @st.cache_resource(show_spinner="Loading the models (once per server process)...")
 def _cached_pipeline(models_path: str) -> Any:
-    return sup.load_pipeline(Path(models_path))
+    pipe = sup.load_pipeline(Path(models_path))
+    freeze_long_lived_objects()
+    return pipe
 
 
 def pipeline_or_failure() -> tuple[Any, sup.LoadFailure | None]:
@@ -101,20 +119,52 @@ def show_load_failure(failure: sup.LoadFailure) -> None:
 
 
 # ---- cached computations ---------------------------------------------------------------------------
+# Keyed on ``image_key`` (the sha256 of the photo's bytes, computed once per run by the page) rather
+# than on the bytes themselves: the bytes are passed unhashed (``_data``), so a re-run does not hash a
+# multi-megabyte photo once per cached call.
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def predict_cached(data: bytes, name: str, whole_image: bool, model_key: str) -> Any:
+def predict_cached(image_key: str, name: str, whole_image: bool, model_key: str, _data: bytes) -> Any:
     """The model run for one photo (aggregation 'mean'; other aggregations come from reaggregate)."""
     pipe, failure = pipeline_or_failure()
     if pipe is None:
         raise RuntimeError(failure.message if failure else "no pipeline")
-    return pipe.predict(data, aggregate="mean", whole_image=whole_image, name=name)
+    return pipe.predict(_data, aggregate="mean", whole_image=whole_image, name=name)
 
 
-@st.cache_data(max_entries=16, show_spinner=False)
-def display_image(data: bytes, width: int, height: int, max_side: int = 1600) -> tuple[np.ndarray, str]:
+@st.cache_resource(show_spinner=False)
+def _analysed_runs() -> "OrderedDict[tuple, None]":
+    return OrderedDict()
+
+
+_ANALYSED_LOCK = threading.Lock()
+
+
+def analysed_before(run_key: tuple) -> bool:
+    """Whether this process has already analysed this photo with these settings (so the result is
+    in predict_cached's cache and the page can skip the progress box: a re-run shows the result at once)."""
+    runs = _analysed_runs()
+    with _ANALYSED_LOCK:
+        if run_key in runs:
+            runs.move_to_end(run_key)
+            return True
+    return False
+
+
+def remember_analysed(run_key: tuple, max_entries: int = 64) -> None:
+    """Record a successful analysis (LRU bounded like predict_cached's cache)."""
+    runs = _analysed_runs()
+    with _ANALYSED_LOCK:
+        runs[run_key] = None
+        runs.move_to_end(run_key)
+        while len(runs) > max_entries:
+            runs.popitem(last=False)
+
+
+def display_canvas(data: bytes, width: int, height: int, max_side: int = 1600) -> tuple[np.ndarray, str]:
     """The photo for display; if this decoder cannot show a file the pipeline accepted, a grey canvas
-    of the same shape (the boxes and numbers stay right) and a warning, never a crash."""
+    of the same shape (the boxes and numbers stay right) and a warning, never a crash. No Streamlit
+    call: the PNG download's deferred callable uses it too."""
     try:
         return sup.decode_for_display(data, max_side), ""
     except Exception as exc:
@@ -124,30 +174,67 @@ def display_image(data: bytes, width: int, height: int, max_side: int = 1600) ->
         return canvas, f"The photo itself cannot be shown here ({type(exc).__name__}); boxes are drawn on a grey canvas."
 
 
+@st.cache_data(max_entries=8, show_spinner=False)
+def display_image(image_key: str, width: int, height: int, _data: bytes) -> tuple[np.ndarray, str]:
+    """display_canvas, cached per photo (another highlighted lesion re-draws the boxes without decoding)."""
+    return display_canvas(_data, width, height)
+
+
+def export_image(data: bytes, result: Any, synthetic: bool) -> Image.Image:
+    """The annotated photo for the PNG download (no highlight): decoded when the user asks for it."""
+    display, _ = display_canvas(data, result.width, result.height)
+    if synthetic:
+        display = sup.stamp_synthetic(display)  # the label is shown, never analysed
+    return sup.annotate(display, result, highlight=None)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def annotated_jpeg(image_key: str, width: int, height: int, synthetic: bool, highlight: int | None,
+                   drawing: tuple, _data: bytes, _result: Any) -> tuple[bytes, str]:
+    """(JPEG bytes of the boxed photo with its legend, display problem or ""), cached on the photo, the
+    boxes and their colours (``drawing``) and the highlighted lesion. Already at most
+    sup.DISPLAY_MAX_WIDTH wide, so st.image sends these bytes as they are."""
+    display, problem = display_image(image_key, width, height, _data)
+    if synthetic:
+        display = sup.stamp_synthetic(display)  # the label is shown, never analysed
+    return sup.display_jpeg(sup.annotate(display, _result, highlight=highlight)), problem
+
+
 @st.cache_data(max_entries=16, show_spinner=False)
-def lesion_crops(data: bytes, name: str, whole_image: bool, model_key: str, _result: Any) -> list[np.ndarray]:
+def lesion_crops(image_key: str, name: str, whole_image: bool, model_key: str, _data: bytes,
+                 _result: Any) -> list[np.ndarray]:
     """pipe.crop for every lesion (decoding the photo once when the pipeline allows it)."""
     pipe, _ = pipeline_or_failure()
     if pipe is None or not _result.lesions:
         return []
-    source: Any = data
+    source: Any = _data
     if hasattr(pipe, "load"):
         try:
-            source = pipe.load(data, name=name)
+            source = pipe.load(_data, name=name)
         except Exception:  # fall back to the documented call
-            source = data
+            source = _data
     return [sup.shrink(np.asarray(pipe.crop(source, lesion), dtype=np.uint8), 256) for lesion in _result.lesions]
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def thumbnails(data: bytes, name: str, whole_image: bool, model_key: str, _result: Any) -> list[str]:
-    return [sup.thumbnail_data_url(c) for c in lesion_crops(data, name, whole_image, model_key, _result)]
+def thumbnails(image_key: str, name: str, whole_image: bool, model_key: str, _data: bytes,
+               _result: Any) -> list[str]:
+    return [sup.thumbnail_data_url(c) for c in lesion_crops(image_key, name, whole_image, model_key, _data, _result)]
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def crop_jpegs(image_key: str, name: str, whole_image: bool, model_key: str, _data: bytes, _result: Any,
+               width: int = 224) -> list[bytes]:
+    """The lesion crops as JPEG bytes at most ``width`` wide (st.image passes them through)."""
+    return [sup.display_jpeg(c, max_width=width) for c in lesion_crops(image_key, name, whole_image, model_key,
+                                                                        _data, _result)]
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def gradcam_cached(data: bytes, name: str, lesion_index: int, model_key: str, _result: Any) -> np.ndarray:
+def gradcam_cached(image_key: str, name: str, lesion_index: int, model_key: str, _data: bytes,
+                   _result: Any) -> np.ndarray:
     pipe, _ = pipeline_or_failure()
-    return np.asarray(pipe.gradcam(data, lesion_index, result=_result), dtype=np.uint8)
+    return np.asarray(pipe.gradcam(_data, lesion_index, result=_result), dtype=np.uint8)
 
 
 @st.cache_resource(show_spinner=False)
@@ -156,10 +243,12 @@ def _context_models(models_path: str, model_key: str) -> tuple[Any, Any, str]:
     from lesiontriage.context_models import CombinedClinicalModel, ManagementModel
 
     try:
-        return CombinedClinicalModel.from_dir(Path(models_path)), ManagementModel.from_dir(Path(models_path)), ""
+        models = CombinedClinicalModel.from_dir(Path(models_path)), ManagementModel.from_dir(Path(models_path)), ""
     except Exception as exc:  # a bad optional model must not stop the triage page
         log.warning("context models not loaded: %s", exc)
-        return None, None, f"Optional clinical/management models could not be loaded ({exc})."
+        models = None, None, f"Optional clinical/management models could not be loaded ({exc})."
+    freeze_long_lived_objects()  # once per process, like the pipeline (the import above may bring in torch)
+    return models
 
 
 def context_models(model_key: str) -> tuple[Any, Any, str]:

@@ -342,6 +342,18 @@ def test_downloads_are_offered(fake):
     assert labels == ["JSON", "CSV", "PNG"]
 
 
+def test_same_photo_in_a_new_session_reuses_the_result_without_the_progress_box(fake):
+    first = upload(app_test().run(), scene_jpeg(), "scene.jpg")
+    assert first.get("status"), "the first analysis shows its progress"
+    second = upload(app_test().run(), scene_jpeg(), "scene.jpg")  # another browser tab, same photo
+    assert not second.exception, second.exception
+    assert fake.predict_calls == 1
+    assert not second.get("status")  # no progress box to animate: the cached result is shown at once
+    assert any(e.label.startswith("Analysed in") for e in second.expander)
+    assert "3 lesions found" in texts(second)
+    assert [(m.label, m.value) for m in second.metric] == [(m.label, m.value) for m in first.metric]
+
+
 # ------------------------------------------------------------------------------------------------
 # the real TriagePipeline with an untrained classifier (no detector): the contract, end to end
 # ------------------------------------------------------------------------------------------------
@@ -464,6 +476,27 @@ def test_highlight_makes_the_selected_box_thicker():
     assert (hi != plain).sum() > 0
     changed = np.argwhere((hi != plain).any(axis=2))
     assert changed[:, 1].max() < 200  # only around lesion #1 (x <= 90 + margin)
+
+
+def test_display_jpeg_is_narrow_enough_for_streamlit_to_pass_it_through():
+    big = Image.open(io.BytesIO(sup.display_jpeg(np.zeros((1200, 1600, 3), np.uint8))))
+    assert big.format == "JPEG" and big.width == sup.DISPLAY_MAX_WIDTH
+    assert big.height == round(1200 * sup.DISPLAY_MAX_WIDTH / 1600)
+    assert Image.open(io.BytesIO(sup.display_jpeg(np.zeros((100, 200, 3), np.uint8)))).size == (200, 100)
+
+
+def test_drawing_key_follows_boxes_and_colours():
+    assert sup.drawing_key(_result()) == sup.drawing_key(_result())
+    assert sup.drawing_key(_result()) != sup.drawing_key(_result(ps=(0.1, 0.8)))
+    assert sup.drawing_key(_result(ps=())) == ()
+
+
+def test_subtype_bars_sorted_coloured_and_escaped():
+    bars = sup.subtype_bars_html({"BKL": 0.1, "NV": 0.7, "MEL": 0.2})
+    assert bars.index("NV - naevus") < bars.index("MEL - melanoma") < bars.index("BKL - benign keratosis")
+    assert "70%" in bars and "20%" in bars and "10%" in bars
+    assert bars.count("#d7191c") == 1 and bars.count("#2b83ba") == 2  # red: malignant types only
+    assert "<script>" not in sup.subtype_bars_html({"<script>": 0.5})
 
 
 def test_tiny_boxes_are_grown_for_display_only():

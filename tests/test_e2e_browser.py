@@ -191,8 +191,11 @@ def scene_file(tmp_path) -> Path:
 
 
 def wait_idle(page, timeout: float = 60_000) -> None:
-    """Wait until the script run has finished: no 'Running...' widget and no stale element left."""
+    """Wait until the script run has finished: the app reports its script as not running (the
+    'Running...' widget only shows after a delay, so it alone can miss a run that has just begun),
+    no 'Running...' widget and no stale element left."""
     page.wait_for_timeout(100)
+    page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]').wait_for(state="attached", timeout=timeout)
     page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=timeout)
     page.wait_for_function("() => document.querySelectorAll('[data-stale=\"true\"]').length === 0", timeout=timeout)
 
@@ -232,8 +235,8 @@ def run_flow(browser, server: Server, scene: Path, tmp_path: Path, variant: str,
         box = banner.bounding_box()
         assert box is not None and box["y"] + box["height"] <= VIEWPORT["height"], "intended use must be above the fold"
 
-        # 1. first result (cold: the pipeline loads on the first page visit)
-        page.locator('input[type="file"]').first.set_input_files(str(scene))
+        # 1. first result (cold: the pipeline loads on the first page visit, and the uploader appears after it)
+        page.locator('input[type="file"]').first.set_input_files(str(scene), timeout=first_timeout_s * 1000)
         expect(page.get_by_text("Triage score")).to_be_visible(timeout=first_timeout_s * 1000)
         expect(page.get_by_text(re.compile(r"lesions found", re.I)).first).to_be_visible()
         wait_idle(page)

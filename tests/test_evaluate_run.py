@@ -462,3 +462,145 @@ def test_evaluate_with_shipped_models_matches_predict(tmp_path):
             whole = pipe.predict(it.abs_path, whole_image=True).image_score
             assert img.loc[it.image_id, "score_direct_whole"] == pytest.approx(whole, abs=1e-5)
     assert json.loads((tmp_path / "reports" / "summary.json").read_text())["provenance"]["model_sha256"]["detector"]
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU budget: C=2 sample, full-run projection, fast model copies
+# ---------------------------------------------------------------------------------------------
+
+def _labelled_items(n_pos: int, n_neg: int, split: str = "isic2018_test") -> list[EvalItem]:
+    return [EvalItem(split, f"{split}{i}.jpg", f"/x/{split}{i}.jpg", f"{split}{i}", "src", "dermoscopy",
+                     "MEL" if i < n_pos else "NV", int(i < n_pos)) for i in range(n_pos + n_neg)]
+
+
+def test_c2_sample_is_capped_per_split_seeded_and_keeps_the_malignant_share():
+    from lesiontriage.evaluate.run import mark_c2_sample
+
+    items = _labelled_items(40, 160) + _labelled_items(5, 15, "pad_ufes20_test")
+    counts = mark_c2_sample(items, 50, seed=0)
+    assert counts == {"isic2018_test": {"n_images": 200, "n_c2": 50}, "pad_ufes20_test": {"n_images": 20, "n_c2": 20}}
+    isic = [it for it in items if it.split == "isic2018_test"]
+    chosen = [it for it in isic if it.c2]
+    assert len(chosen) == 50 and sum(it.malignant for it in chosen) == 10  # 20% malignant, as in the split
+    assert all(it.c2 for it in items if it.split == "pad_ufes20_test")  # under the cap: complete
+    again = _labelled_items(40, 160)
+    mark_c2_sample(again, 50, seed=0)
+    assert [it.c2 for it in again] == [it.c2 for it in isic]  # seeded
+    mark_c2_sample(again, 50, seed=1)
+    assert [it.c2 for it in again] != [it.c2 for it in isic]
+    mark_c2_sample(again, None, seed=0)
+    assert all(it.c2 for it in again)  # no cap: every image
+
+
+def test_stage_tags_and_counts_skip_c2_outside_the_sample():
+    from lesiontriage.evaluate.run import stage_counts, stage_tags
+
+    info = ModelInfo({}, {k: k for k in ("classifier", "detector", "image_classifier", "detector_c2")},
+                     {k: "ok" for k in ("classifier", "detector", "image_classifier", "detector_c2")})
+    a, b = _labelled_items(1, 1)
+    b.c2 = False
+    eng = {"thr": 0.5, "max": 30}
+    assert "c2" in stage_tags(info, eng, a) and "c2" not in stage_tags(info, eng, b)
+    assert set(stage_tags(info, eng, b)) == {"ita", "det", "cls_det", "cls_gt", "whole"}
+    counts = stage_counts([a, b], info)["isic2018_test"]
+    assert counts == {"decode": 2, "ita": 2, "detect": 2, "classify_detected": 2, "classify_gt": 2, "whole_image": 2,
+                      "detect_c2": 1}
+
+
+def test_projection_multiplies_per_stage_cpu_by_full_run_stage_counts():
+    from lesiontriage.evaluate.run import projected_full_seconds
+
+    def rec(split: str, cpu: dict[str, float], cached: bool = False) -> ImageRecord:
+        it = _labelled_items(1, 0, split)[0]
+        return ImageRecord(it, (10, 10), seconds={k: 2 * v for k, v in cpu.items()}, cpu_stages=cpu,
+                           cpu_seconds=sum(cpu.values()), cached=cached)
+
+    records = [rec("isic2018_test", {"decode": 0.1, "detect": 1.0, "detect_c2": 1.0}),
+               rec("isic2018_test", {"decode": 0.1, "detect": 3.0}),  # outside the C=2 sample
+               rec("isic2018_test", {"decode": 50.0, "detect": 50.0}, cached=True),  # from the cache: not timed
+               rec("pad_ufes20_test", {"decode": 0.2, "detect": 4.0})]
+    counts = {"isic2018_test": {"decode": 100, "detect": 100, "detect_c2": 10},
+              "sd198_test": {"decode": 10, "detect": 10}}  # not in the run: pooled stage means
+    p = projected_full_seconds(records, counts, workers=2, report_cpu=8.0, startup_cpu=5.0)
+    isic = 100 * 0.1 + 100 * 2.0 + 10 * 1.0
+    sd = 10 * (0.4 / 3) + 10 * (8.0 / 3)  # pooled over the three fresh records: decode (0.1+0.1+0.2)/3, detect (1+3+4)/3
+    assert p["projected_inference_cpu_seconds"]["isic2018_test"] == pytest.approx(isic)
+    assert p["projected_inference_cpu_seconds"]["sd198_test"] == pytest.approx(sd)
+    assert p["projected_inference_wall_seconds"]["isic2018_test"] == pytest.approx(2 * isic)
+    cores = min(2, __import__("os").cpu_count() or 1)
+    wall = p["projected_full_run_wall_seconds"]
+    assert wall["inference"] == pytest.approx((isic + sd) / cores)
+    assert wall["reports"] == pytest.approx(8.0 * 110 / 4)  # scaled by full images / run images
+    assert wall["total"] == pytest.approx(5.0 + wall["inference"] + wall["reports"])
+    assert p["full_counts"] == {"isic2018_test": 100, "sd198_test": 10}
+
+
+def test_c2_sample_is_stated_in_the_one_step_headline_only_when_sampled():
+    from lesiontriage.evaluate.run import _c2_notes, _note_c2_sample
+
+    sampling = {"n_c2": {"isic2018_test": 300, "pad_ufes20_test": 184}, "n_evaluated": {"isic2018_test": 1512,
+                                                                                       "pad_ufes20_test": 184}}
+    summary = {"image_auc.one_step_c2.max": {"value": 0.7, "n": 300}, "image_auc.two_stage.mean": {"value": 0.8},
+               "image_auc.one_step_c2.mean": {"value": None, "status": "not available"}}
+    _note_c2_sample(summary, sampling)
+    assert "300 of the 1512" in summary["image_auc.one_step_c2.max"]["note"]
+    assert "note" not in summary["image_auc.two_stage.mean"] and "note" not in summary["image_auc.one_step_c2.mean"]
+    notes = _c2_notes(sampling)
+    assert len(notes) == 1 and "isic2018_test" in notes[0] and "300 of 1512" in notes[0]
+
+
+def _tiny_detector(seed: int, long_side: int = 128):
+    torch = pytest.importorskip("torch")
+    from lesiontriage.networks.detector import DetectorConfig, build_detector
+
+    torch.manual_seed(seed)
+    return build_detector(DetectorConfig(long_side=long_side, box_score_thresh=0.0), pretrained=False).eval()
+
+
+def test_fast_detectors_match_eager_and_share_only_equal_prefixes():
+    torch = pytest.importorskip("torch")
+    from lesiontriage.evaluate.fast import ENGINE_FAST_DET, _prefix, fast_detectors
+
+    one, c2, other = _tiny_detector(0), _tiny_detector(1), _tiny_detector(2)
+    _prefix(c2.backbone).load_state_dict(_prefix(one.backbone).state_dict())  # fine-tuned with frozen early layers
+    fast, info = fast_detectors({"detector": one, "detector_c2": c2, "other": other})
+    assert all(v["engine"] == ENGINE_FAST_DET and v["max_rel_diff"] < 1e-3 for v in info.values())
+    assert info["detector"]["shared_prefix"] and info["detector_c2"]["shared_prefix"] and not info["other"]["shared_prefix"]
+    img = torch.rand(3, 90, 160)  # non-square, another size than the traced probe
+    cache = fast["detector"].backbone.prefix
+    hits = cache.hits
+    with torch.inference_mode():
+        for key, eager in (("detector", one), ("detector_c2", c2), ("other", other)):
+            ref, got = eager([img])[0], fast[key]([img])[0]
+            assert len(ref["scores"]) == len(got["scores"]) > 0, key
+            assert torch.allclose(ref["scores"].sort().values, got["scores"].sort().values, atol=1e-4), key
+            assert torch.allclose(ref["boxes"].sort(0).values, got["boxes"].sort(0).values, atol=1e-2), key
+    assert cache.hits == hits + 1  # the C=2 pass reused the one-class prefix of the same image
+    with torch.inference_mode():
+        fast["detector_c2"]([torch.rand(3, 90, 160)])  # another image: computed, not reused
+    assert cache.hits == hits + 1
+
+
+def test_fast_detectors_fall_back_to_eager_when_a_copy_cannot_be_built():
+    torch = pytest.importorskip("torch")
+    from lesiontriage.evaluate.fast import ENGINE_EAGER, fast_detectors
+
+    det = _tiny_detector(0)
+    det.backbone.body = torch.nn.Identity()  # not a timm EfficientNet: no prefix to freeze
+    fast, info = fast_detectors({"detector": det})
+    assert fast["detector"] is det and info["detector"]["engine"] == ENGINE_EAGER and info["detector"]["reason"]
+
+
+def test_fast_classifier_matches_the_eager_outputs():
+    torch = pytest.importorskip("torch")
+    from lesiontriage.evaluate.fast import ENGINE_FAST_CLS, fast_classifier
+    from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier
+
+    torch.manual_seed(0)
+    model = LesionClassifier(ClassifierConfig(input_size=64), pretrained=False).eval()
+    fast, info = fast_classifier(model)
+    assert info["engine"] == ENGINE_FAST_CLS and fast.config is model.config
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.inference_mode():
+        for ref, got in zip(model.outputs(x), fast.outputs(x)):
+            assert torch.allclose(ref.float(), got.float(), atol=1e-4, rtol=1e-4)

@@ -11,6 +11,7 @@ Modules:
     tables            report assembly: prediction tables -> report sections (pure pandas)
     embedding         2-D map (PCA -> t-SNE) of the classifier's pooled lesion features
     run               orchestration of `lesiontriage evaluate` (models, cache, inference, writing)
+    fast              frozen oneDNN copies of the networks for the evaluation's CPU budget (torch)
 
 Report files (``models/reports/``, written by ``lesiontriage evaluate``)
 =========================================================================
@@ -18,7 +19,9 @@ Report files (``models/reports/``, written by ``lesiontriage evaluate``)
 Every JSON file starts with a ``provenance`` object: ``command``, ``manifest_hash``,
 ``model_sha256`` ({classifier, detector, image_classifier[, detector_c2]: sha256}), ``model_status``
 ({key: "ok" | "not available: ..."}), ``seed``, ``created`` (UTC ISO time), ``package_version``,
-``limit_per_split`` (null = full run), ``n_boot``, ``models_dir``, ``data_root``, ``intended_use``.
+``limit_per_split`` (null = full run), ``sampling`` (every cap: ``ham_detection_max``, ``scenes_max``,
+``c2_max_per_split``, ``n_available`` / ``n_evaluated`` / ``n_c2`` per split, ``method``), ``n_boot``,
+``models_dir``, ``data_root``, ``intended_use``.
 JSON has no NaN: undefined numbers are ``null``. A part whose model is missing is
 ``{"status": "not available: <model> not trained ..."}``. Groups (strata) are named
 ``all_real_test`` (every real test photo, synthetic scenes excluded), ``modality=<m>``,
@@ -45,12 +48,17 @@ summary.json        headline numbers, each ``{value, ci_low, ci_high, n, split}`
                     (ISIC test, two-stage), ``image_auc.<strategy>.<aggregation>`` for
                     ``direct.whole``, ``two_stage.{mean,max,noisy_or}``, ``one_step_c2.{mean,max,noisy_or}``.
 evaluation.json     index: ``splits`` {split: {description, n_images, n_labelled, n_malignant, n_errors,
-                    n_gt_boxes, synthetic}}, ``models`` (status per model), ``notes`` [str], ``files``,
+                    n_gt_boxes, synthetic}}, ``models`` (status per model), ``sampling`` (as in the
+                    provenance), ``notes`` [str], ``files``,
                     ``timings`` {seconds {select, inference, tables, metrics, embedding, total}, n_images,
-                    n_computed (not from the cache), workers, cpu_count, per_stage_mean_seconds {decode,
-                    detect, classify_detected, classify_gt, whole_image, ita[, detect_c2]}, projection (``--limit``
-                    runs only: per_split_mean_wall_seconds, per_split_mean_cpu_seconds, full_counts,
-                    projected_inference_{wall,cpu}_seconds {split: s}, projected_inference_{wall,cpu}_total_seconds)}.
+                    n_computed (not from the cache), workers, cpu_count, per_stage_mean_seconds and
+                    per_stage_mean_cpu_seconds {decode, detect, classify_detected, classify_gt, whole_image,
+                    ita[, detect_c2]}, inference_engine {model: {engine, max_rel_diff, reason[, shared_prefix]}},
+                    projection (``--limit`` runs only: per_split_mean_wall_seconds, per_split_mean_cpu_seconds,
+                    per_split_stage_mean_cpu_seconds, full_counts, full_stage_counts {split: {stage: images}},
+                    projected_inference_{wall,cpu}_seconds {split: s}, projected_inference_{wall,cpu}_total_seconds,
+                    projected_full_run_wall_seconds {startup, inference, reports, reports_this_run, total,
+                    minutes, cores_used})}.
 lesion_level.json   item 1: ``metrics`` [ranking rows; score in gt_box | detected | detected_max_lesion],
                     ``paired_gt_vs_detected`` [paired rows], ``no_lesion_detected`` {split: {n_images,
                     n_no_lesion, share, n_malignant_with_no_lesion}}, ``curves``, ``definition``.

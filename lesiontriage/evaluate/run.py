@@ -12,10 +12,13 @@ Flow (one job per step):
      ``cls_gt``  classifier (+ pooled features) on the ground-truth crops (box + margin, or the
                  whole image where a set has no box: the lesion is centred, as in training)
      ``whole``   direct whole-image classifier
-     ``c2``      C=2 malignant / benign detector (only when models/detector_c2.safetensors exists)
+     ``c2``      C=2 malignant / benign detector (only when models/detector_c2.safetensors exists;
+                 on a seeded, label-stratified sample of <= ``c2_max_per_split`` images per split)
      ``ita``     Individual Typology Angle of the peri-lesional skin
    The image is decoded once per image and only when a stage is missing from the cache. Every
-   aggregation (mean / max / noisy-OR) is computed from the cached per-lesion probabilities.
+   aggregation (mean / max / noisy-OR) is computed from the cached per-lesion probabilities. The
+   networks run as frozen oneDNN copies checked against the eager models (``fast.py``), and the
+   C=2 detector reuses the one-class detector's identical frozen early layers for the same image.
 3. ``build_tables``: per-image, per-lesion and per-detection tables (parquet).
 4. ``write_reports``: the JSON sections (``tables.py``) and ``summary.json``.
 
@@ -26,6 +29,7 @@ trained"}`` in the reports instead of failing.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime as dt
@@ -39,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -73,11 +77,15 @@ class EvalSettings:
     n_boot: int = 1000
     n_boot_paired: int = 2000
     n_boot_map: int = 50
-    ham_detection_max: int = 300  # HAM10000 val images (one per lesion) for the dermoscopy box metrics
-    scenes_max: int = 150  # synthetic test scenes (seeded sample; each holds many lesions)
+    # Caps that keep a full run under 30 min on the 2-core CPU (see ``sampling_report``; each is a seeded
+    # sample, stated per split in evaluation.json ``sampling`` and the provenance):
+    ham_detection_max: int = 150  # HAM10000 val images (one per lesion) for the dermoscopy box metrics
+    scenes_max: int = 100  # synthetic test scenes (each holds ~13 lesions)
+    c2_max_per_split: int | None = 300  # images per split that get the C=2 detector (label-stratified sample)
     pad_ita_all: bool = True  # ITA vs Fitzpatrick on every PAD-UFES-20 row with a type (model-free)
     embedding: bool = True
     workers: int = 2  # single-thread processes: measured 4-5x faster than one 2-thread process under CPU contention
+    fast_models: bool = True  # frozen oneDNN copies of the detectors + classifiers (evaluate/fast.py), checked vs eager
     progress: bool = True
     command: str = ""
 
@@ -108,6 +116,7 @@ class EvalItem:
     biopsied: bool | None = None
     fitzpatrick: int | None = None
     pair_id: str | None = None
+    c2: bool = True  # in this split's C=2 sample (``mark_c2_sample``)
 
     def gt_crop_boxes(self) -> list[list[float]] | None:
         """Boxes whose crops are classified: the largest box for a single-lesion photo, every box
@@ -270,6 +279,41 @@ def scene_items(settings: EvalSettings) -> tuple[list[EvalItem], str]:
     return items, ""
 
 
+def _stratified_pick(labels: Sequence[Any], n: int, seed: int) -> np.ndarray:
+    """Indices of a seeded sample of ``n`` of ``labels`` that keeps each label's share (largest
+    remainders get the rounding), so AP and prevalence on the sample match the split's."""
+    labels = ["none" if v is None else str(v) for v in labels]
+    if n >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    groups = {g: np.flatnonzero(np.asarray(labels) == g) for g in sorted(set(labels))}
+    exact = {g: n * len(ix) / len(labels) for g, ix in groups.items()}
+    quota = {g: int(math.floor(v)) for g, v in exact.items()}
+    for g in sorted(exact, key=lambda g: quota[g] - exact[g])[: n - sum(quota.values())]:
+        quota[g] += 1
+    picked = [rng.permutation(ix)[: quota[g]] for g, ix in groups.items()]
+    return np.sort(np.concatenate(picked))
+
+
+def mark_c2_sample(items: Sequence[EvalItem], cap: int | None, seed: int) -> dict[str, dict[str, int]]:
+    """Set ``item.c2`` so at most ``cap`` images per split get the C=2 detector pass.
+
+    Why: the C=2 detector costs as much as the one-class detector (~0.55 CPU-s per image) and only
+    feeds one strategy row (one_step_c2) and the C=2 detection table; on ISIC 2018 test alone it
+    would add ~15 min. Every other score stays on the complete split. Returns
+    {split: {n_images, n_c2}} for the report."""
+    by_split: dict[str, list[EvalItem]] = {}
+    for it in items:
+        by_split.setdefault(it.split, []).append(it)
+    out: dict[str, dict[str, int]] = {}
+    for split, group in by_split.items():
+        keep = set(_stratified_pick([it.malignant for it in group], cap, seed).tolist()) if cap else set(range(len(group)))
+        for i, it in enumerate(group):
+            it.c2 = i in keep
+        out[split] = {"n_images": len(group), "n_c2": len(keep)}
+    return out
+
+
 def pad_ita_items(manifest: pd.DataFrame, settings: EvalSettings, exclude: set[str]) -> list[EvalItem]:
     """PAD-UFES-20 rows outside the test items that have a recorded Fitzpatrick type: ITA only
     (no model), to check the estimator against the recorded types on more than the test split."""
@@ -336,16 +380,26 @@ def pipeline_settings(info: ModelInfo):
                                if k in PipelineSettings.__dataclass_fields__})
 
 
-def kept_index(scores: np.ndarray, threshold: float, max_lesions: int) -> np.ndarray:
+def kept_index(scores: np.ndarray, threshold: float, max_lesions: int, boxes: np.ndarray | None = None,
+               nested_containment: float = 0.0) -> np.ndarray:
     """Indices of the detections the pipeline keeps (scores sorted best first, as detect() returns)."""
+    if boxes is not None and nested_containment > 0:  # the product's box_selection, exactly
+        from lesiontriage.box_selection import select_boxes
+
+        return select_boxes(boxes, scores, threshold, max_lesions, nested_containment)
     return np.flatnonzero(np.asarray(scores) >= threshold)[:max_lesions]
 
 
 class Engine:
     """The shipped pipeline plus the few extra views the evaluation needs (raw detections, raw
-    logits, pooled features). Built once per process."""
+    logits, pooled features). Built once per process.
 
-    def __init__(self, models_dir: Path, info: ModelInfo, threads: int | None = None) -> None:
+    ``fast``: run both detectors and both classifiers through frozen oneDNN copies
+    (:mod:`lesiontriage.evaluate.fast`, each checked against the eager model when built; the
+    detectors are ~75% of the evaluation's CPU time). ``inference_engine`` records what each model
+    actually runs on. Crops, resizing, box logic and temperatures stay the pipeline's own code."""
+
+    def __init__(self, models_dir: Path, info: ModelInfo, threads: int | None = None, fast: bool = False) -> None:
         import torch
 
         from lesiontriage.pipeline import TriagePipeline
@@ -362,6 +416,29 @@ class Engine:
         self.c2 = None
         if info.ok("detector_c2"):
             self.c2 = self._load_c2(models_dir, info.metadata["models"]["detector_c2"])
+        self.classifier = self.pipe.classifier if self.pipe is not None else None
+        self.image_classifier = self.pipe.image_classifier if self.pipe is not None else None
+        self.inference_engine: dict[str, dict[str, Any]] = {}
+        if fast:
+            self._use_fast_models()
+
+    def _use_fast_models(self) -> None:
+        """Swap the evaluation's own model references for fast copies; ``self.pipe`` (the product
+        path used for crops and normalisation) keeps its eager models untouched."""
+        from lesiontriage.evaluate.fast import fast_classifier, fast_detectors
+
+        if self.classifier is not None:
+            self.classifier, self.inference_engine["classifier"] = fast_classifier(self.classifier)
+        if self.image_classifier is not None:
+            self.image_classifier, self.inference_engine["image_classifier"] = fast_classifier(self.image_classifier)
+        dets = {k: d for k, d in (("detector", self.raw_pipe.detector if self.raw_pipe else None),
+                                  ("detector_c2", self.c2)) if d is not None}
+        if dets:
+            fast, engines = fast_detectors(dets)
+            self.inference_engine.update(engines)
+            if "detector" in fast:
+                self.raw_pipe.detector = fast["detector"]
+            self.c2 = fast.get("detector_c2", self.c2)
 
     @staticmethod
     def _load_c2(models_dir: Path, entry: dict[str, Any]):
@@ -380,6 +457,14 @@ class Engine:
     def max_lesions(self) -> int:
         return int(self.pipe.settings.max_lesions) if self.pipe else 30
 
+    @property
+    def nested_containment(self) -> float:
+        return float(self.pipe.settings.nested_containment) if self.pipe else 0.0
+
+    @property
+    def flip_tta(self) -> bool:
+        return bool(self.pipe.settings.flip_tta) if self.pipe else False
+
     def load(self, path: str):
         if self.pipe is not None:
             return self.pipe.load(path)
@@ -387,17 +472,26 @@ class Engine:
 
         return load_image(path, max_side=2048)
 
-    def run_heads(self, model, batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def run_heads(self, model, batch, tta: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw malignant logit [N], sub-type probabilities [N, C], pooled features [N, F]: the
-        classifier's forward split at the pooled features (dropout is the identity in eval)."""
+        classifier's forward split at the pooled features (dropout is the identity in eval).
+        ``tta``: logits and sub-type probabilities averaged over the crop and its h/v flips, as
+        the pipeline does when ``flip_tta`` is set; features from the unflipped crop."""
         if len(batch) == 0:
             c = len(model.config.subtypes)
             return np.zeros(0, np.float32), np.zeros((0, c), np.float32), np.zeros((0, 0), np.float32)
-        logit, sub, f = model.outputs(batch)
-        return logit.numpy(), sub.numpy(), f.numpy()
+        n = len(batch)
+        views = torch_cat_flips(batch) if tta else batch
+        logit, sub, f = model.outputs(views)
+        logit, sub, f = logit.numpy(), sub.numpy(), f.numpy()
+        if tta:
+            logit = logit.reshape(3, n).mean(0)
+            sub = sub.reshape(3, n, -1).mean(0)
+            f = f[:n]
+        return logit, sub, f
 
     def detect_raw(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        boxes, scores = self.raw_pipe.detect(rgb)
+        boxes, scores = self.raw_pipe.detect_raw(rgb)  # every box: no score cut, no box selection
         order = np.argsort(-scores, kind="stable")
         return boxes[order], scores[order]
 
@@ -417,57 +511,72 @@ class Engine:
         from lesiontriage.skintone import estimate_ita
 
         out: dict[str, Any] = {}
-        t0, c0 = time.perf_counter(), time.process_time()
-        img = self.load(item.abs_path)
+        clock = StageClock()
+        with clock("decode"):
+            img = self.load(item.abs_path)
         rgb, scale = img.rgb, float(img.scale)
         out["_size"] = (int(img.orig_width), int(img.orig_height))
-        timings = {"decode": time.perf_counter() - t0}
         crop_boxes = item.gt_crop_boxes()
         if "ita" in stages:
-            t = time.perf_counter()
-            box = None if not item.gt_boxes or not item.single_lesion else [v * scale for v in crop_boxes[0]]
-            out["ita"] = estimate_ita(rgb, box).to_dict()
-            timings["ita"] = time.perf_counter() - t
+            with clock("ita"):
+                box = None if not item.gt_boxes or not item.single_lesion else [v * scale for v in crop_boxes[0]]
+                out["ita"] = estimate_ita(rgb, box).to_dict()
         det = cached_det
         if "det" in stages:
-            t = time.perf_counter()
-            boxes, scores = self.detect_raw(rgb)
-            det = {"boxes": (boxes / scale).astype(np.float32), "scores": scores.astype(np.float32)}
-            out["det"] = det
-            timings["detect"] = time.perf_counter() - t
+            with clock("detect"):
+                boxes, scores = self.detect_raw(rgb)
+                det = {"boxes": (boxes / scale).astype(np.float32), "scores": scores.astype(np.float32)}
+                out["det"] = det
         if "cls_det" in stages:
-            t = time.perf_counter()
-            keep = kept_index(det["scores"], self.kept_threshold, self.max_lesions)
-            kb = det["boxes"][keep] * scale
-            cfg = self.pipe.classifier.config
-            logit, sub, _ = self.run_heads(self.pipe.classifier, self.pipe._crop_batch(rgb, kb, cfg)) if len(kb) else \
-                self.run_heads(self.pipe.classifier, [])
-            out["cls_det"] = {"index": keep.astype(np.int32), "logit": logit, "sub": sub}
-            timings["classify_detected"] = time.perf_counter() - t
+            with clock("classify_detected"):
+                keep = kept_index(det["scores"], self.kept_threshold, self.max_lesions, det["boxes"], self.nested_containment)
+                kb = det["boxes"][keep] * scale
+                cfg = self.pipe.classifier.config
+                logit, sub, _ = self.run_heads(self.classifier, self.pipe._crop_batch(rgb, kb, cfg), self.flip_tta) if len(kb) \
+                    else self.run_heads(self.classifier, [])
+                out["cls_det"] = {"index": keep.astype(np.int32), "logit": logit, "sub": sub}
         if "cls_gt" in stages:
-            t = time.perf_counter()
-            cfg = self.pipe.classifier.config
-            if crop_boxes is None:
-                batch = self.pipe._normalise([_to_tensor(rgb)], cfg)
-            else:
-                batch = self.pipe._crop_batch(rgb, np.asarray(crop_boxes, dtype=np.float32) * scale, cfg)
-            logit, sub, feat = self.run_heads(self.pipe.classifier, batch)
-            out["cls_gt"] = {"logit": logit, "sub": sub, "feat": feat.astype(np.float16)}
-            timings["classify_gt"] = time.perf_counter() - t
+            with clock("classify_gt"):
+                cfg = self.pipe.classifier.config
+                if crop_boxes is None:
+                    batch = self.pipe._normalise([_to_tensor(rgb)], cfg)
+                else:
+                    batch = self.pipe._crop_batch(rgb, np.asarray(crop_boxes, dtype=np.float32) * scale, cfg)
+                logit, sub, feat = self.run_heads(self.classifier, batch, self.flip_tta)
+                out["cls_gt"] = {"logit": logit, "sub": sub, "feat": feat.astype(np.float16)}
         if "whole" in stages:
-            t = time.perf_counter()
-            model = self.pipe.image_classifier
-            logit, sub, _ = self.run_heads(model, self.pipe._normalise([_to_tensor(rgb)], model.config))
-            out["whole"] = {"logit": logit, "sub": sub}
-            timings["whole_image"] = time.perf_counter() - t
+            with clock("whole_image"):
+                model = self.image_classifier
+                logit, sub, _ = self.run_heads(model, self.pipe._normalise([_to_tensor(rgb)], model.config))
+                out["whole"] = {"logit": logit, "sub": sub}
         if "c2" in stages:
-            t = time.perf_counter()
-            b, s, lab = self.detect_c2(rgb)
-            out["c2"] = {"boxes": (b / scale).astype(np.float32), "scores": s.astype(np.float32), "labels": lab.astype(np.int16)}
-            timings["detect_c2"] = time.perf_counter() - t
-        out["_timings"] = timings
-        out["_cpu"] = time.process_time() - c0  # all threads of this process: robust to CPU contention
+            with clock("detect_c2"):
+                b, s, lab = self.detect_c2(rgb)
+                out["c2"] = {"boxes": (b / scale).astype(np.float32), "scores": s.astype(np.float32), "labels": lab.astype(np.int16)}
+        out["_timings"], out["_cpu_stages"] = clock.wall, clock.cpu
+        out["_cpu"] = float(sum(clock.cpu.values()))  # all threads of this process: robust to CPU contention
         return out
+
+
+class StageClock:
+    """Wall and CPU seconds per named stage of one image.
+
+    Why both: wall time on a shared machine measures the other jobs as much as this one; CPU time
+    (``time.process_time``: every thread of this process) does not, so the full-run projection is
+    made from CPU seconds."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - t
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
 
 
 # =====================================================================================================
@@ -548,6 +657,7 @@ class ImageRecord:
     error: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
     cpu_seconds: float = float("nan")
+    cpu_stages: dict[str, float] = field(default_factory=dict)  # CPU seconds per stage (fresh images only)
     cached: bool = False
 
 
@@ -560,12 +670,13 @@ def stage_tags(info: ModelInfo, engine_settings: dict[str, Any], item: EvalItem)
     if det_ok and (item.detect_eval or need_two_stage):
         tags["det"] = (info.sha256["detector"], "")
     if cls_ok and det_ok and need_two_stage:
-        tags["cls_det"] = (f"{info.sha256['classifier']}|{info.sha256['detector']}|{engine_settings['thr']}|{engine_settings['max']}", "")
+        tags["cls_det"] = (f"{info.sha256['classifier']}|{info.sha256['detector']}|{engine_settings['thr']}|{engine_settings['max']}"
+                           f"|{engine_settings.get('nest', 0.0)}|{engine_settings.get('tta', False)}", "")
     if cls_ok and item.classify:
-        tags["cls_gt"] = (info.sha256["classifier"], json.dumps(item.gt_crop_boxes()))
+        tags["cls_gt"] = (f"{info.sha256['classifier']}|tta={engine_settings.get('tta', False)}", json.dumps(item.gt_crop_boxes()))
     if info.ok("image_classifier") and item.whole:
         tags["whole"] = (info.sha256["image_classifier"], "")
-    if info.ok("detector_c2") and (item.detect_eval or need_two_stage):
+    if info.ok("detector_c2") and item.c2 and (item.detect_eval or need_two_stage):
         tags["c2"] = (info.sha256["detector_c2"], "")
     return tags
 
@@ -573,11 +684,17 @@ def stage_tags(info: ModelInfo, engine_settings: dict[str, Any], item: EvalItem)
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(models_dir: str, info: ModelInfo) -> None:
+def _worker_init(models_dir: str, info: ModelInfo, fast: bool = False) -> None:
     import cv2
 
     cv2.setNumThreads(1)
-    _WORKER["engine"] = Engine(Path(models_dir), info, threads=1)
+    _WORKER["engine"] = Engine(Path(models_dir), info, threads=1, fast=fast)
+    _WORKER["startup_cpu"] = time.process_time()  # imports + model loading + fast copies, this worker
+
+
+def _worker_engine_info() -> tuple[dict[str, dict[str, Any]], float]:
+    """(which engine runs each model, this worker's start-up CPU seconds)."""
+    return _WORKER["engine"].inference_engine, _WORKER["startup_cpu"]
 
 
 def _worker_compute(item: EvalItem, stages: list[str], cached_det: dict | None) -> tuple[dict[str, Any] | None, str]:
@@ -596,13 +713,16 @@ def _compute_safely(engine: Engine, item: EvalItem, stages: Sequence[str], cache
 
 
 def run_inference(items: Sequence[EvalItem], info: ModelInfo, settings: EvalSettings,
-                  engine: Engine | None = None) -> list[ImageRecord]:
-    """Every stage for every item, from the cache where possible; a progress bar over images."""
+                  engine: Engine | None = None, report: dict[str, Any] | None = None) -> list[ImageRecord]:
+    """Every stage for every item, from the cache where possible; a progress bar over images.
+
+    ``report`` (optional) receives ``inference_engine``: which engine ran each detector (fast copy or
+    eager, with the probe difference), so the evaluation report can say so."""
     from tqdm.auto import tqdm
 
     cache = PredictionCache(settings.cache_dir)
     ps = pipeline_settings(info)
-    eng_settings = {"thr": ps.detector_score_threshold, "max": ps.max_lesions}
+    eng_settings = {"thr": ps.detector_score_threshold, "max": ps.max_lesions, "nest": ps.nested_containment, "tta": ps.flip_tta}
     records: list[ImageRecord] = []
     todo: list[tuple[ImageRecord, list[str], dict[str, tuple[str, str]]]] = []
     for item in items:
@@ -634,6 +754,7 @@ def run_inference(items: Sequence[EvalItem], info: ModelInfo, settings: EvalSett
         rec.size = res.pop("_size")
         rec.seconds = res.pop("_timings")
         rec.cpu_seconds = float(res.pop("_cpu", float("nan")))
+        rec.cpu_stages = res.pop("_cpu_stages", {})
         cache.put("size", "v1", stamp, list(rec.size))
         for stage, value in res.items():
             rec.stages[stage] = value
@@ -649,15 +770,22 @@ def run_inference(items: Sequence[EvalItem], info: ModelInfo, settings: EvalSett
 
             ctx = mp.get_context("spawn")
             with ProcessPoolExecutor(settings.workers, mp_context=ctx, initializer=_worker_init,
-                                     initargs=(str(settings.models_dir), info)) as pool:
+                                     initargs=(str(settings.models_dir), info, settings.fast_models)) as pool:
+                engine_info = pool.submit(_worker_engine_info)
                 futures = [(pool.submit(_worker_compute, rec.item, missing, rec.stages.get("det")), rec, tags)
                            for rec, missing, tags in todo]
+                engines, startup_cpu = engine_info.result()  # the first worker has built its engine
                 for fut, rec, tags in futures:
                     res, err = fut.result()
                     store(rec, tags, res, err)
                     bar.update(1)
+                if report is not None:
+                    report.update(inference_engine=engines, startup_cpu_seconds=startup_cpu)
         elif todo:
-            engine = engine or Engine(settings.models_dir, info)
+            c_start = time.process_time()
+            engine = engine or Engine(settings.models_dir, info, fast=settings.fast_models)
+            if report is not None:
+                report.update(inference_engine=engine.inference_engine, startup_cpu_seconds=time.process_time() - c_start)
             for rec, missing, tags in todo:
                 bar.set_postfix_str(rec.item.split, refresh=False)
                 res, err = _compute_safely(engine, rec.item, missing, rec.stages.get("det"))
@@ -675,6 +803,13 @@ def run_inference(items: Sequence[EvalItem], info: ModelInfo, settings: EvalSett
 # =====================================================================================================
 # tables
 # =====================================================================================================
+
+def torch_cat_flips(batch):
+    """The batch, its horizontal flips and its vertical flips, concatenated (the pipeline's TTA views)."""
+    import torch
+
+    return torch.cat([batch, batch.flip(-1), batch.flip(-2)]).contiguous(memory_format=torch.channels_last)
+
 
 def _sigmoid(z: np.ndarray | float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=float)))
@@ -710,11 +845,12 @@ class _Kept:
     sub: np.ndarray
 
 
-def _kept(st: dict[str, Any], t_cls: float, kept_threshold: float, max_lesions: int) -> _Kept | None:
+def _kept(st: dict[str, Any], t_cls: float, kept_threshold: float, max_lesions: int,
+          nested_containment: float = 0.0) -> _Kept | None:
     det = st.get("det")
     if det is None:
         return None
-    keep = kept_index(det["scores"], kept_threshold, max_lesions)
+    keep = kept_index(det["scores"], kept_threshold, max_lesions, det["boxes"], nested_containment)
     cls_det = st.get("cls_det")
     p = _sigmoid(np.asarray(cls_det["logit"], float) / t_cls) if cls_det is not None else np.zeros(0)
     sub = np.asarray(cls_det["sub"], float) if cls_det is not None else np.zeros((0, len(SUBTYPES)))
@@ -843,7 +979,7 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def build_tables(records: Sequence[ImageRecord], info: ModelInfo, default_aggregate: str = "mean",
-                 kept_threshold: float = 0.5, max_lesions: int = 30) -> Tables:
+                 kept_threshold: float = 0.5, max_lesions: int = 30, nested_containment: float = 0.0) -> Tables:
     """Per-image, per-lesion and per-(kept-)detection tables from the inference records; every
     aggregation is computed here from the cached per-lesion probabilities."""
     models = info.metadata.get("models") or {}
@@ -851,7 +987,7 @@ def build_tables(records: Sequence[ImageRecord], info: ModelInfo, default_aggreg
     t_img = float((models.get("image_classifier") or {}).get("temperature", 1.0))
     img_rows, les_rows, det_rows, feats = [], [], [], []
     for rec in records:
-        kept = _kept(rec.stages, t_cls, kept_threshold, max_lesions)
+        kept = _kept(rec.stages, t_cls, kept_threshold, max_lesions, nested_containment)
         row = _image_row(rec, kept, t_img, kept_threshold)
         if kept is not None:
             det_rows.extend(_detection_rows(rec, kept))
@@ -890,7 +1026,9 @@ def carry_research_keys(path: Path, summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def provenance(settings: EvalSettings, info: ModelInfo, manifest_digest: str) -> dict[str, Any]:
+def provenance(settings: EvalSettings, info: ModelInfo, manifest_digest: str,
+               sampling: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What produced a report (every JSON file carries it); ``sampling`` states every cap (n per split)."""
     from lesiontriage import __version__
 
     return {
@@ -902,6 +1040,7 @@ def provenance(settings: EvalSettings, info: ModelInfo, manifest_digest: str) ->
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "package_version": __version__,
         "limit_per_split": settings.limit,
+        "sampling": sampling or {},
         "n_boot": settings.n_boot,
         "models_dir": str(settings.models_dir),
         "data_root": str(paths.data_root(settings.data_root)),
@@ -913,7 +1052,8 @@ def report_context(info: ModelInfo, settings: EvalSettings) -> T.ReportContext:
     ps = pipeline_settings(info)
     return T.ReportContext(status=info.status, metadata=info.metadata, default_aggregate=str(ps.default_aggregate),
                            n_boot=settings.n_boot, n_boot_paired=settings.n_boot_paired, n_boot_map=settings.n_boot_map,
-                           seed=settings.seed, kept_threshold=float(ps.detector_score_threshold), max_kept=int(ps.max_lesions))
+                           seed=settings.seed, kept_threshold=float(ps.detector_score_threshold), max_kept=int(ps.max_lesions),
+                           nested_containment=float(ps.nested_containment))
 
 
 def detection_sets(records: Sequence[ImageRecord]) -> tuple[dict[str, T.DetectionSet], dict[str, T.DetectionSet]]:
@@ -990,45 +1130,167 @@ class EvalResult:
     tables: Tables
 
 
-def projected_full_seconds(records: Sequence[ImageRecord], full_counts: dict[str, int]) -> dict[str, Any]:
-    """Mean fresh per-image wall and CPU time per split x the full split size (for --limit runs).
-
-    Wall time depends on what else runs on the machine; CPU time (all threads of the process) does
-    not, and the uncontended wall time of a 2-thread run lies between CPU / 2 and CPU."""
-    wall: dict[str, list[float]] = {}
-    cpu: dict[str, list[float]] = {}
+def _stage_means(records: Sequence[ImageRecord], attr: str) -> dict[str, float]:
+    """Mean seconds per stage over the freshly computed images that ran it (``attr``: 'seconds' wall
+    or 'cpu_stages'); images from the cache were not timed."""
+    per: dict[str, list[float]] = {}
     for r in records:
-        if r.seconds and not r.cached:
-            wall.setdefault(r.item.split, []).append(sum(r.seconds.values()))
-            if math.isfinite(r.cpu_seconds):
-                cpu.setdefault(r.item.split, []).append(r.cpu_seconds)
-
-    def project(per: dict[str, list[float]]) -> tuple[dict[str, float], float]:
-        pooled = [t for v in per.values() for t in v]
-        overall = float(np.mean(pooled)) if pooled else float("nan")
-        proj = {s: float(np.mean(per[s])) * n if per.get(s) else overall * n for s, n in full_counts.items()}
-        return proj, float(sum(v for v in proj.values() if math.isfinite(v)))
-
-    wall_proj, wall_total = project(wall)
-    cpu_proj, cpu_total = project(cpu)
-    return {"per_split_mean_wall_seconds": {k: float(np.mean(v)) for k, v in wall.items()},
-            "per_split_mean_cpu_seconds": {k: float(np.mean(v)) for k, v in cpu.items()},
-            "full_counts": full_counts,
-            "projected_inference_wall_seconds": wall_proj, "projected_inference_wall_total_seconds": wall_total,
-            "projected_inference_cpu_seconds": cpu_proj, "projected_inference_cpu_total_seconds": cpu_total,
-            "note": ("full-run inference estimate; wall time is inflated by other jobs on the machine, CPU time is not "
-                     "(uncontended 2-thread wall time is between CPU/2 and CPU); add ~2-3 min for metrics + embedding")}
+        if r.cached:
+            continue
+        for k, v in (getattr(r, attr) or {}).items():
+            per.setdefault(k, []).append(v)
+    return {k: float(np.mean(v)) for k, v in per.items()}
 
 
-def full_split_counts(manifest: pd.DataFrame, settings: EvalSettings, n_scenes: int | None) -> dict[str, int]:
+# stage_tags key -> the name its time is recorded under (StageClock); "decode" runs for every image
+STAGE_CLOCK: dict[str, str] = {"ita": "ita", "det": "detect", "cls_det": "classify_detected", "cls_gt": "classify_gt",
+                               "whole": "whole_image", "c2": "detect_c2"}
+
+
+def full_run_items(manifest: pd.DataFrame, settings: EvalSettings) -> list[EvalItem]:
+    """The images a full run (no ``--limit``) evaluates, with the same caps and C=2 sample."""
     full = dataclasses.replace(settings, limit=None)
-    items = manifest_items(manifest, full)
-    counts: dict[str, int] = {}
+    items = manifest_items(manifest, full) + scene_items(full)[0]
+    mark_c2_sample(items, full.c2_max_per_split, full.seed)
+    if full.pad_ita_all and "fitzpatrick" in manifest.columns:
+        items += pad_ita_items(manifest, full, {it.path for it in items})
+    return items
+
+
+def stage_counts(items: Sequence[EvalItem], info: ModelInfo) -> dict[str, dict[str, int]]:
+    """{split: {clock stage: images that run it}} for these items and the installed models."""
+    ps = pipeline_settings(info)
+    eng = {"thr": ps.detector_score_threshold, "max": ps.max_lesions, "nest": ps.nested_containment, "tta": ps.flip_tta}
+    out: dict[str, dict[str, int]] = {}
     for it in items:
-        counts[it.split] = counts.get(it.split, 0) + 1
-    if n_scenes is not None:
-        counts["scenes_test"] = n_scenes
-    return counts
+        c = out.setdefault(it.split, {"decode": 0})
+        c["decode"] += 1
+        for stage in stage_tags(info, eng, it):
+            c[STAGE_CLOCK[stage]] = c.get(STAGE_CLOCK[stage], 0) + 1
+    return out
+
+
+def _per_split_stage_means(records: Sequence[ImageRecord], attr: str) -> dict[str, dict[str, float]]:
+    """{split: {stage: mean seconds}} over freshly computed images (``attr``: 'seconds' or 'cpu_stages')."""
+    per: dict[str, dict[str, list[float]]] = {}
+    for r in records:
+        if r.cached:
+            continue
+        for stage, v in (getattr(r, attr) or {}).items():
+            per.setdefault(r.item.split, {}).setdefault(stage, []).append(v)
+    return {sp: {st: float(np.mean(v)) for st, v in d.items()} for sp, d in per.items()}
+
+
+def _per_image_means(records: Sequence[ImageRecord], attr: str) -> dict[str, float]:
+    """{split: mean seconds per freshly computed image, all its stages together}."""
+    per: dict[str, list[float]] = {}
+    for r in records:
+        if not r.cached and getattr(r, attr):
+            per.setdefault(r.item.split, []).append(float(sum(getattr(r, attr).values())))
+    return {k: float(np.mean(v)) for k, v in per.items()}
+
+
+def _project(means: dict[str, dict[str, float]], pooled: dict[str, float],
+             counts: dict[str, dict[str, int]]) -> dict[str, float]:
+    """Seconds per split = sum over stages of (mean seconds of that stage on that split, else over all
+    splits) x images of the split that run it in the full run."""
+    out: dict[str, float] = {}
+    for split, c in counts.items():
+        own = means.get(split, {})
+        out[split] = float(sum(own.get(st, pooled.get(st, 0.0)) * n for st, n in c.items()))
+    return out
+
+
+def projected_full_seconds(records: Sequence[ImageRecord], counts: dict[str, dict[str, int]], workers: int,
+                           report_cpu: float = 0.0, startup_cpu: float = 0.0) -> dict[str, Any]:
+    """Full-run time estimate from a ``--limit`` run: per split and stage, the mean fresh per-image
+    CPU seconds x the number of images that run that stage in the full run (so the caps and the C=2
+    sample are counted as the full run will apply them).
+
+    Why CPU seconds: wall time on a shared machine measures the other jobs too; CPU time (all
+    threads of the worker) much less so. Single-thread workers on ``min(workers, cores)`` cores
+    finish the inference in about CPU total / that many cores. ``report_cpu`` (this run's tables +
+    metrics + embedding) is scaled linearly by the number of images: measured ~linear from 1.2k to
+    2.4k images, but an upper bound for small runs, whose fixed per-group bootstrap costs are scaled
+    too. ``startup_cpu``: one worker's imports + model loading + fast copies (workers start together)."""
+    wall_m, cpu_m = _per_split_stage_means(records, "seconds"), _per_split_stage_means(records, "cpu_stages")
+    wall_pooled, cpu_pooled = _stage_means(records, "seconds"), _stage_means(records, "cpu_stages")
+    wall_proj, cpu_proj = _project(wall_m, wall_pooled, counts), _project(cpu_m, cpu_pooled, counts)
+    cpu_total = float(sum(cpu_proj.values()))
+    cores = max(1, min(int(workers), os.cpu_count() or 1))
+    n_run = len(records) or 1
+    n_full = sum(c.get("decode", 0) for c in counts.values())
+    inference = cpu_total / cores
+    reports = report_cpu * max(1.0, n_full / n_run)
+    total = startup_cpu + inference + reports
+    return {
+        "per_split_mean_wall_seconds": _per_image_means(records, "seconds"),
+        "per_split_mean_cpu_seconds": _per_image_means(records, "cpu_stages"),
+        "per_split_stage_mean_cpu_seconds": cpu_m,
+        "full_counts": {k: int(v.get("decode", 0)) for k, v in counts.items()},
+        "full_stage_counts": counts,
+        "projected_inference_wall_seconds": wall_proj, "projected_inference_wall_total_seconds": float(sum(wall_proj.values())),
+        "projected_inference_cpu_seconds": cpu_proj, "projected_inference_cpu_total_seconds": cpu_total,
+        "projected_full_run_wall_seconds": {"startup": startup_cpu, "inference": inference, "reports": reports,
+                                            "reports_this_run": report_cpu, "total": total, "minutes": total / 60.0,
+                                            "cores_used": cores},
+        "note": ("full-run estimate for an otherwise idle machine: inference = projected CPU seconds / cores used (one "
+                 "single-thread worker per core); reports = this run's tables + metrics + embedding CPU seconds x (full "
+                 "images / run images), an upper bound for runs of < ~500 images (reports_this_run is the lower bound); "
+                 "startup = one worker's start-up CPU. CPU seconds rise ~25% when other jobs share the CPU (caches); "
+                 "wall seconds far more, so the projected wall figures only describe this run's conditions."),
+    }
+
+
+def sampling_report(settings: EvalSettings, c2_counts: dict[str, dict[str, int]], info: ModelInfo,
+                    n_available: dict[str, int]) -> dict[str, Any]:
+    """What is evaluated on a sample, and how many images per split (the report states every cap)."""
+    c2_ok = info.ok("detector_c2")
+    return {
+        "limit_per_split": settings.limit,
+        "ham_detection_max": settings.ham_detection_max,
+        "scenes_max": settings.scenes_max,
+        "c2_max_per_split": settings.c2_max_per_split,
+        "n_available": n_available,
+        "n_evaluated": {k: v["n_images"] for k, v in c2_counts.items()},
+        "n_c2": {k: (v["n_c2"] if c2_ok else 0) for k, v in c2_counts.items()},
+        "method": ("HAM10000 val: one image per lesion, then a seeded sample of ham_detection_max; synthetic scenes: "
+                   "a seeded sample of scenes_max; C=2 detector: a seeded, malignant-label-stratified sample of at most "
+                   "c2_max_per_split images per split (one_step_c2 scores and the C=2 detection table use only these; "
+                   "every other score uses every evaluated image). Seed = provenance.seed. Why: CPU time budget "
+                   "(full run < 30 min on 2 cores)."),
+    }
+
+
+def _available_counts(manifest: pd.DataFrame | None, settings: EvalSettings, n_scenes_index: int | None) -> dict[str, int]:
+    """Images each split could contribute before any cap (HAM: one per lesion)."""
+    if manifest is None or "split" not in manifest.columns:
+        return {}
+    nocap = dataclasses.replace(settings, limit=None, ham_detection_max=10**9)
+    out: dict[str, int] = {}
+    for it in manifest_items(manifest, nocap):
+        out[it.split] = out.get(it.split, 0) + 1
+    if n_scenes_index is not None:
+        out["scenes_test"] = n_scenes_index
+    return out
+
+
+def _c2_notes(sampling: dict[str, Any]) -> list[str]:
+    """One line per split whose C=2 pass ran on a sample."""
+    return [f"C=2 detector ({split}): a seeded, label-stratified sample of {n} of {sampling['n_evaluated'][split]} "
+            "images (one_step_c2 scores and the C=2 detection table; CPU time budget)."
+            for split, n in sampling["n_c2"].items() if n and n < sampling["n_evaluated"][split]]
+
+
+def _note_c2_sample(summary: dict[str, Any], sampling: dict[str, Any]) -> None:
+    """State the C=2 sample inside the one_step_c2 headline objects (keys unchanged)."""
+    n_c2, n_all = sampling["n_c2"].get("isic2018_test"), sampling["n_evaluated"].get("isic2018_test")
+    if not n_c2 or n_c2 == n_all:
+        return
+    for key, obj in summary.items():
+        if key.startswith("image_auc.one_step_c2.") and isinstance(obj, dict) and obj.get("value") is not None:
+            obj["note"] = (f"C=2 detector run on a seeded, label-stratified sample of {n_c2} of the {n_all} "
+                           "isic2018_test images (CPU budget); the other strategies use all of them")
 
 
 def evaluate(settings: EvalSettings, manifest: pd.DataFrame | None = None,
@@ -1043,15 +1305,17 @@ def evaluate(settings: EvalSettings, manifest: pd.DataFrame | None = None,
     if manifest is None:
         manifest = load_manifest(settings.manifest)
     digest = manifest_hash(manifest) if manifest is not None and len(manifest) else ""
-    n_scenes_full = None
+    n_scenes_index = None
     if items is None:
         items = manifest_items(manifest, settings)
         scenes, why = scene_items(settings)
         if why:
             notes.append(why)
         else:
-            n_scenes_full = min(settings.scenes_max, len(pd.read_parquet(settings.scenes_path(), columns=["path"])))
+            n_scenes_index = len(pd.read_parquet(settings.scenes_path(), columns=["path"]))
         items = list(items) + scenes
+    c2_counts = mark_c2_sample(items, settings.c2_max_per_split, settings.seed)
+    sampling = sampling_report(settings, c2_counts, info, _available_counts(manifest, settings, n_scenes_index))
     extra_ita_items = pad_ita_items(manifest, settings, {it.path for it in items}) if (settings.pad_ita_all and manifest is not None
                                                                                        and "fitzpatrick" in manifest.columns) else []
     seconds["select"] = time.perf_counter() - t0
@@ -1060,20 +1324,22 @@ def evaluate(settings: EvalSettings, manifest: pd.DataFrame | None = None,
             notes.append(f"{key}: {info.status[key]}")
 
     t = time.perf_counter()
-    records = run_inference(list(items) + extra_ita_items, info, settings, engine=engine)
+    inference_report: dict[str, Any] = {}
+    records = run_inference(list(items) + extra_ita_items, info, settings, engine=engine, report=inference_report)
     seconds["inference"] = time.perf_counter() - t
     main_records = [r for r in records if r.item.split != "pad_ufes20_ita_only"]
     extra_records = [r for r in records if r.item.split == "pad_ufes20_ita_only"]
 
-    t = time.perf_counter()
+    t, report_cpu0 = time.perf_counter(), time.process_time()
     ps = pipeline_settings(info)
     agg, kept_thr, max_les = str(ps.default_aggregate), float(ps.detector_score_threshold), int(ps.max_lesions)
-    tables = build_tables(main_records, info, agg, kept_thr, max_les)
-    ita_extra = build_tables(extra_records, info, agg, kept_thr, max_les).images
+    nest = float(ps.nested_containment)
+    tables = build_tables(main_records, info, agg, kept_thr, max_les, nest)
+    ita_extra = build_tables(extra_records, info, agg, kept_thr, max_les, nest).images
     seconds["tables"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    prov = provenance(settings, info, digest)
+    prov = provenance(settings, info, digest, sampling)
     ctx = report_context(info, settings)
     images, lesions = tables.images, tables.lesions
     from threadpoolctl import threadpool_limits
@@ -1100,6 +1366,7 @@ def evaluate(settings: EvalSettings, manifest: pd.DataFrame | None = None,
     else:
         sections["embedding"] = info.missing("classifier") if not info.ok("classifier") else {"status": "not available: no lesion features"}
     seconds["embedding"] = time.perf_counter() - t
+    report_cpu = time.process_time() - report_cpu0  # tables + metrics + embedding, this process's threads
 
     out_dir = Path(settings.out_dir)
     files: dict[str, Path] = {}
@@ -1110,26 +1377,30 @@ def evaluate(settings: EvalSettings, manifest: pd.DataFrame | None = None,
             _write_parquet(files[key], df)
     seconds["total"] = time.perf_counter() - t0
     n_computed = sum(1 for r in records if not r.cached)
-    stage_times: dict[str, list[float]] = {}
-    for r in records:
-        for k, v in (r.seconds or {}).items():
-            stage_times.setdefault(k, []).append(v)
-    timing = {"seconds": seconds, "n_images": len(records), "n_computed": n_computed, "workers": settings.workers,
-              "cpu_count": os.cpu_count(),
-              "per_stage_mean_seconds": {k: float(np.mean(v)) for k, v in stage_times.items()},
-              "note": "per-image stage times are wall-clock inside one worker; with --workers N, N images run at once"}
-    if settings.limit and manifest is not None:
-        timing["projection"] = projected_full_seconds(records, full_split_counts(manifest, settings, n_scenes_full))
+    timing = {"seconds": seconds, "report_cpu_seconds": report_cpu, "n_images": len(records), "n_computed": n_computed,
+              "workers": settings.workers, "cpu_count": os.cpu_count(),
+              "per_stage_mean_seconds": _stage_means(records, "seconds"),
+              "per_stage_mean_cpu_seconds": _stage_means(records, "cpu_stages"),
+              "inference_engine": inference_report.get("inference_engine") or {},
+              "note": "per-image stage times are wall-clock (and CPU) inside one worker; with --workers N, N images run "
+                      "at once"}
+    if settings.limit and manifest is not None and "split" in manifest.columns:
+        timing["projection"] = projected_full_seconds(records, stage_counts(full_run_items(manifest, settings), info),
+                                                      settings.workers, report_cpu,
+                                                      inference_report.get("startup_cpu_seconds", 0.0))
     summary = T.headline(sections, tables.images, ctx, prov)
+    _note_c2_sample(summary, sampling)
     index = {
         "provenance": prov, "intended_use": INTENDED_USE,
         "splits": T.split_summary(tables.images, {k: v.description for k, v in SPLITS.items()}),
         "models": info.status,
+        "sampling": sampling,
         "notes": notes + ["Synthetic wide-field scenes are synthetic: reported only under split=scenes_test, never pooled "
                           "with real photos.",
                           "HAM10000 has no test split; the dermoscopy box metrics use its validation split "
-                          f"(<= {settings.ham_detection_max} images, one per lesion).",
-                          f"Synthetic test scenes: a seeded sample of <= {settings.scenes_max} scenes (CPU time budget)."],
+                          f"(a seeded sample of <= {settings.ham_detection_max} images, one per lesion).",
+                          f"Synthetic test scenes: a seeded sample of <= {settings.scenes_max} scenes (CPU time budget).",
+                          *_c2_notes(sampling)],
         "files": {**{k: v for k, v in REPORT_FILES.items()}, **{k: v for k, v in TABLE_FILES.items()}},
         "timings": timing,
     }

@@ -464,16 +464,20 @@ def error_rows(df: pd.DataFrame, groups: Sequence[Group], score: str, col: str, 
 # =====================================================================================================
 
 def kept_detections(boxes: np.ndarray, scores: np.ndarray, score_threshold: float,
-                    max_kept: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """What the pipeline keeps: score >= threshold, best first, at most ``max_kept``."""
+                    max_kept: int | None = None, nested_containment: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """What the pipeline keeps: score >= threshold, best first, nested parts removed
+    (``lesiontriage.box_selection``), at most ``max_kept``."""
+    from lesiontriage.box_selection import select_boxes
+
     order = np.argsort(-scores, kind="stable")
-    order = order[scores[order] >= score_threshold][:max_kept]
-    return boxes[order], scores[order]
+    boxes, scores = boxes[order], scores[order]
+    keep = select_boxes(boxes, scores, score_threshold, max_kept if max_kept is not None else len(scores), nested_containment)
+    return boxes[keep], scores[keep]
 
 
 def detection_metrics(gt: Sequence[np.ndarray], raw_boxes: Sequence[np.ndarray], raw_scores: Sequence[np.ndarray],
                       score_threshold: float, n_boot: int = 0, seed: int = 0, max_dets: int = 100,
-                      max_kept: int | None = None) -> dict[str, Any]:
+                      max_kept: int | None = None, nested_containment: float = 0.0) -> dict[str, Any]:
     """COCO mAP (all raw detections), recall at IoU > 0 and >= 0.5 and IoU median / IQR (detections
     the pipeline keeps: score >= ``score_threshold``, at most ``max_kept`` per image) over one
     split's images.
@@ -484,7 +488,7 @@ def detection_metrics(gt: Sequence[np.ndarray], raw_boxes: Sequence[np.ndarray],
     raw_boxes = [np.asarray(b, dtype=float).reshape(-1, 4) for b in raw_boxes]
     raw_scores = [np.asarray(s, dtype=float).reshape(-1) for s in raw_scores]
     m = coco_map(gt, raw_boxes, raw_scores, max_dets=max_dets)
-    kept_pairs = [kept_detections(b, s, score_threshold, max_kept) for b, s in zip(raw_boxes, raw_scores)]
+    kept_pairs = [kept_detections(b, s, score_threshold, max_kept, nested_containment) for b, s in zip(raw_boxes, raw_scores)]
     kb, ks = [k[0] for k in kept_pairs], [k[1] for k in kept_pairs]
     r0 = recall_at_iou(gt, kb, ks, iou_thr=0.0)
     r50 = recall_at_iou(gt, kb, ks, iou_thr=0.5, one_to_one=True)
@@ -502,6 +506,7 @@ def detection_metrics(gt: Sequence[np.ndarray], raw_boxes: Sequence[np.ndarray],
         "iou": ious,
         "score_threshold": score_threshold,
         "max_kept_per_image": max_kept,
+        "nested_containment": nested_containment,
         "detections_per_image_kept": {"mean": float(np.mean(kept)) if kept else float("nan"),
                                       "median": float(np.median(kept)) if kept else float("nan"),
                                       "images_with_none": int(sum(1 for k in kept if k == 0))},
@@ -593,6 +598,7 @@ class ReportContext:
     seed: int = 0
     kept_threshold: float = 0.5
     max_kept: int | None = 30
+    nested_containment: float = 0.0  # the pipeline's box selection (metadata pipeline.nested_containment)
 
     def ok(self, key: str) -> bool:
         return self.status.get(key) == "ok"
@@ -639,7 +645,7 @@ def detection_section(one_class: Mapping[str, DetectionSet], c2: Mapping[str, De
             if not d.gt:
                 continue
             m = detection_metrics(d.gt, d.boxes, d.scores, ctx.kept_threshold, n_boot=n_boot, seed=ctx.seed,
-                                  max_kept=ctx.max_kept)
+                                  max_kept=ctx.max_kept, nested_containment=ctx.nested_containment)
             m["description"], m["synthetic"] = d.description, d.synthetic
             if kind == "c2" and d.labels is not None and d.gt_malignant is not None \
                     and all(v is not None for g in d.gt_malignant for v in g):
