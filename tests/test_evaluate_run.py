@@ -508,7 +508,7 @@ def test_stage_tags_and_counts_skip_c2_outside_the_sample():
 
 
 def test_projection_multiplies_per_stage_cpu_by_full_run_stage_counts():
-    from lesiontriage.evaluate.run import projected_full_seconds
+    from lesiontriage.evaluate.run import POOL_EFFICIENCY, projected_full_seconds
 
     def rec(split: str, cpu: dict[str, float], cached: bool = False) -> ImageRecord:
         it = _labelled_items(1, 0, split)[0]
@@ -529,8 +529,8 @@ def test_projection_multiplies_per_stage_cpu_by_full_run_stage_counts():
     assert p["projected_inference_wall_seconds"]["isic2018_test"] == pytest.approx(2 * isic)
     cores = min(2, __import__("os").cpu_count() or 1)
     wall = p["projected_full_run_wall_seconds"]
-    assert wall["inference"] == pytest.approx((isic + sd) / cores)
-    assert wall["reports"] == pytest.approx(8.0 * 110 / 4)  # scaled by full images / run images
+    assert wall["inference"] == pytest.approx((isic + sd) / (cores * POOL_EFFICIENCY) if cores > 1 else isic + sd)
+    assert wall["reports"] == pytest.approx(8.0 * 110 / 4 / cores)  # x full / run images, over the section processes
     assert wall["total"] == pytest.approx(5.0 + wall["inference"] + wall["reports"])
     assert p["full_counts"] == {"isic2018_test": 100, "sd198_test": 10}
 
@@ -604,3 +604,35 @@ def test_fast_classifier_matches_the_eager_outputs():
     with torch.inference_mode():
         for ref, got in zip(model.outputs(x), fast.outputs(x)):
             assert torch.allclose(ref.float(), got.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_report_sections_in_worker_processes_equal_the_inline_ones():
+    from lesiontriage.evaluate.run import report_sections
+
+    df = _images(240)
+    ctx = T.ReportContext(status={"classifier": "ok", "detector": "ok", "image_classifier": "ok"}, n_boot=40,
+                          n_boot_paired=40, seed=3)
+    jobs = {"image_level": (T.image_level_section, (df, ctx)), "lesion_level": (T.lesion_level_section, (df, df, ctx)),
+            "calibration": (T.calibration_report, (df, df, ctx))}
+    inline, cpu1, _ = report_sections(jobs, workers=1)
+    parallel, cpu2, wall2 = report_sections(jobs, workers=2, min_rows=200)
+    assert set(parallel) == set(jobs) and set(cpu2) == set(wall2) == set(jobs)
+    dump = lambda x: json.dumps(T.jsonable(x), sort_keys=True, allow_nan=False)  # noqa: E731
+    assert all(dump(parallel[k]) == dump(inline[k]) for k in jobs)  # seeded per section: same numbers anywhere
+    assert all(v > 0 for v in cpu1.values())
+
+
+def test_flip_views_average_like_the_pipeline():
+    torch = pytest.importorskip("torch")
+    from lesiontriage.evaluate.run import average_views, torch_cat_flips
+    from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier
+    from lesiontriage.pipeline import TriagePipeline
+
+    torch.manual_seed(0)
+    model = LesionClassifier(ClassifierConfig(input_size=64), pretrained=False).eval()
+    batch = torch.rand(2, 3, 64, 64) * 2 - 1
+    want_logit, want_sub = TriagePipeline.heads(model, batch, tta=True)  # mean logits, then softmax
+    logit, sub, _ = model.outputs(torch_cat_flips(batch))
+    got_logit, got_sub = average_views(logit.numpy(), sub.numpy(), 3)
+    assert np.allclose(got_logit, want_logit.numpy(), atol=1e-5)
+    assert np.allclose(got_sub, torch.softmax(want_sub.float(), -1).numpy(), atol=1e-5)

@@ -55,6 +55,7 @@ from lesiontriage.results import INTENDED_USE, SUBTYPES
 log = logging.getLogger(__name__)
 
 ITA_VERSION = "ita-v1"
+TTA_VERSION = "v2"  # v2: sub-type probabilities = softmax(mean logits) over the flips, as the pipeline
 SPLIT_ORDER = T.SPLIT_ORDER
 
 
@@ -80,8 +81,8 @@ class EvalSettings:
     # Caps that keep a full run under 30 min on the 2-core CPU (see ``sampling_report``; each is a seeded
     # sample, stated per split in evaluation.json ``sampling`` and the provenance):
     ham_detection_max: int = 150  # HAM10000 val images (one per lesion) for the dermoscopy box metrics
-    scenes_max: int = 100  # synthetic test scenes (each holds ~13 lesions)
-    c2_max_per_split: int | None = 300  # images per split that get the C=2 detector (label-stratified sample)
+    scenes_max: int = 30  # synthetic test scenes (each holds ~14 lesions; ~4.7 CPU-s each with flip TTA)
+    c2_max_per_split: int | None = 150  # images per split that get the C=2 detector (label-stratified sample)
     pad_ita_all: bool = True  # ITA vs Fitzpatrick on every PAD-UFES-20 row with a type (model-free)
     embedding: bool = True
     workers: int = 2  # single-thread processes: measured 4-5x faster than one 2-thread process under CPU contention
@@ -298,9 +299,10 @@ def _stratified_pick(labels: Sequence[Any], n: int, seed: int) -> np.ndarray:
 def mark_c2_sample(items: Sequence[EvalItem], cap: int | None, seed: int) -> dict[str, dict[str, int]]:
     """Set ``item.c2`` so at most ``cap`` images per split get the C=2 detector pass.
 
-    Why: the C=2 detector costs as much as the one-class detector (~0.55 CPU-s per image) and only
-    feeds one strategy row (one_step_c2) and the C=2 detection table; on ISIC 2018 test alone it
-    would add ~15 min. Every other score stays on the complete split. Returns
+    Why: the C=2 detector costs almost as much as the one-class detector (~0.45 vs ~0.55 CPU-s per
+    image, sharing its frozen early layers) and only feeds one strategy row (one_step_c2) and the
+    C=2 detection table; on every labelled image it would add ~10 min to a full run on 2 cores.
+    Every other score stays on the complete split. Returns
     {split: {n_images, n_c2}} for the report."""
     by_split: dict[str, list[EvalItem]] = {}
     for it in items:
@@ -485,8 +487,7 @@ class Engine:
         logit, sub, f = model.outputs(views)
         logit, sub, f = logit.numpy(), sub.numpy(), f.numpy()
         if tta:
-            logit = logit.reshape(3, n).mean(0)
-            sub = sub.reshape(3, n, -1).mean(0)
+            logit, sub = average_views(logit, sub, 3)
             f = f[:n]
         return logit, sub, f
 
@@ -552,7 +553,8 @@ class Engine:
         if "c2" in stages:
             with clock("detect_c2"):
                 b, s, lab = self.detect_c2(rgb)
-                out["c2"] = {"boxes": (b / scale).astype(np.float32), "scores": s.astype(np.float32), "labels": lab.astype(np.int16)}
+                out["c2"] = {"boxes": (b / scale).astype(np.float32), "scores": s.astype(np.float32),
+                             "labels": lab.astype(np.int16)}
         out["_timings"], out["_cpu_stages"] = clock.wall, clock.cpu
         out["_cpu"] = float(sum(clock.cpu.values()))  # all threads of this process: robust to CPU contention
         return out
@@ -669,11 +671,13 @@ def stage_tags(info: ModelInfo, engine_settings: dict[str, Any], item: EvalItem)
     need_two_stage = item.classify or item.whole  # labelled images get the product's two-stage score
     if det_ok and (item.detect_eval or need_two_stage):
         tags["det"] = (info.sha256["detector"], "")
+    tta = f"|tta={TTA_VERSION}" if engine_settings.get("tta", False) else ""  # flip-averaged values changed with v2
     if cls_ok and det_ok and need_two_stage:
         tags["cls_det"] = (f"{info.sha256['classifier']}|{info.sha256['detector']}|{engine_settings['thr']}|{engine_settings['max']}"
-                           f"|{engine_settings.get('nest', 0.0)}|{engine_settings.get('tta', False)}", "")
+                           f"|{engine_settings.get('nest', 0.0)}|{engine_settings.get('tta', False)}{tta}", "")
     if cls_ok and item.classify:
-        tags["cls_gt"] = (f"{info.sha256['classifier']}|tta={engine_settings.get('tta', False)}", json.dumps(item.gt_crop_boxes()))
+        tags["cls_gt"] = (f"{info.sha256['classifier']}|tta={engine_settings.get('tta', False)}{tta}",
+                          json.dumps(item.gt_crop_boxes()))
     if info.ok("image_classifier") and item.whole:
         tags["whole"] = (info.sha256["image_classifier"], "")
     if info.ok("detector_c2") and item.c2 and (item.detect_eval or need_two_stage):
@@ -803,6 +807,19 @@ def run_inference(items: Sequence[EvalItem], info: ModelInfo, settings: EvalSett
 # =====================================================================================================
 # tables
 # =====================================================================================================
+
+def average_views(logit: np.ndarray, sub: np.ndarray, views: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per crop, the mean raw malignant logit and softmax(mean sub-type logits) over ``views``
+    stacked views ([views * n] rows), as ``TriagePipeline.heads`` + ``classify`` compute them.
+
+    ``outputs`` gives sub-type probabilities, and log-probabilities are the logits minus one
+    per-row constant, so softmax(mean log p) = softmax(mean logits) (averaging the probabilities
+    instead would not match the product)."""
+    n = len(logit) // views
+    log_p = np.log(np.clip(sub.astype(np.float64), 1e-38, None)).reshape(views, n, -1).mean(0)
+    p = np.exp(log_p - log_p.max(axis=-1, keepdims=True))
+    return logit.reshape(views, n).mean(0), (p / p.sum(axis=-1, keepdims=True)).astype(np.float32)
+
 
 def torch_cat_flips(batch):
     """The batch, its horizontal flips and its vertical flips, concatenated (the pipeline's TTA views)."""
@@ -1082,6 +1099,72 @@ def detection_sets(records: Sequence[ImageRecord]) -> tuple[dict[str, T.Detectio
 
 
 # =====================================================================================================
+# report sections (in parallel)
+# =====================================================================================================
+
+def _embedding_section(lesions: pd.DataFrame, features: np.ndarray, seed: int) -> tuple[dict[str, Any], pd.DataFrame]:
+    """embedding.json's section and embedding.parquet's table."""
+    from lesiontriage.evaluate.embedding import embedding_json, embedding_table
+
+    table, info = embedding_table(lesions, features, seed=seed)
+    return {**info, "file": TABLE_FILES["embedding"], "map": embedding_json(table)}, table
+
+
+def section_jobs(tables: Tables, ita_extra: pd.DataFrame, det_sets: tuple[dict, dict], ctx: T.ReportContext,
+                 embedding: bool, seed: int) -> dict[str, tuple[Any, tuple]]:
+    """{section: (module-level function, its arguments)}, the slowest first (so two workers end
+    together): each is independent and seeded by itself, so any process can build it."""
+    les, img = tables.lesions, tables.images
+    jobs: dict[str, tuple[Any, tuple]] = {
+        "detection": (T.detection_section, (*det_sets, ctx)),
+        "image_level": (T.image_level_section, (img, ctx)),
+        "lesion_level": (T.lesion_level_section, (les, img, ctx)),
+        "skin_tone": (T.skin_tone_report, (les, img, ita_extra, ctx)),
+        "calibration": (T.calibration_report, (les, img, ctx)),
+        "operating_points": (T.operating_points_report, (img, ctx)),
+        "error_analysis": (T.error_report, (les, ctx)),
+    }
+    if embedding and not les.empty and np.isfinite(tables.features).all(axis=1).any():
+        jobs = {"embedding": (_embedding_section, (les, tables.features, seed)), **jobs}
+    return jobs
+
+
+def _timed_section(fn: Any, args: tuple) -> tuple[Any, float, float]:
+    """(fn(*args), CPU seconds, wall seconds) with single-threaded numpy / scipy / sklearn: the
+    sections run side by side (or next to torch), so more threads would only fight for the cores."""
+    from threadpoolctl import threadpool_limits
+
+    t, c = time.perf_counter(), time.process_time()
+    with threadpool_limits(limits=1):
+        out = fn(*args)
+    return out, time.process_time() - c, time.perf_counter() - t
+
+
+def report_sections(jobs: dict[str, tuple[Any, tuple]], workers: int, min_rows: int = 200
+                    ) -> tuple[dict[str, Any], dict[str, float], dict[str, float]]:
+    """Run the section ``jobs``: in ``min(workers, cores)`` processes when there are at least
+    ``min_rows`` image rows (below that, starting the processes costs more than it saves).
+
+    Why: the sections (bootstraps, COCO mAP, t-SNE) are ~2.5 CPU-minutes single-threaded on a
+    full run, after the inference has finished with both cores; two processes halve that.
+    Returns ({section: result}, {section: CPU s}, {section: wall s})."""
+    n_rows = max((len(a) for _, args in jobs.values() for a in args if isinstance(a, pd.DataFrame)), default=0)
+    n_proc = max(1, min(int(workers), os.cpu_count() or 1, len(jobs)))
+    results: dict[str, tuple[Any, float, float]] = {}
+    if n_proc > 1 and n_rows >= min_rows:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(n_proc, mp_context=mp.get_context("spawn")) as pool:
+            futures = {name: pool.submit(_timed_section, fn, args) for name, (fn, args) in jobs.items()}
+            results = {name: fut.result() for name, fut in futures.items()}
+    else:
+        results = {name: _timed_section(fn, args) for name, (fn, args) in jobs.items()}
+    return ({k: v[0] for k, v in results.items()}, {k: v[1] for k, v in results.items()},
+            {k: v[2] for k, v in results.items()})
+
+
+# =====================================================================================================
 # writing
 # =====================================================================================================
 
@@ -1201,6 +1284,11 @@ def _project(means: dict[str, dict[str, float]], pooled: dict[str, float],
     return out
 
 
+# Share of ``cores`` x wall that the single-thread workers turn into image CPU seconds on an idle
+# machine (measured 0.95 on the 2-core box: the main process handling results, the queue's tail).
+POOL_EFFICIENCY = 0.95
+
+
 def projected_full_seconds(records: Sequence[ImageRecord], counts: dict[str, dict[str, int]], workers: int,
                            report_cpu: float = 0.0, startup_cpu: float = 0.0) -> dict[str, Any]:
     """Full-run time estimate from a ``--limit`` run: per split and stage, the mean fresh per-image
@@ -1209,10 +1297,11 @@ def projected_full_seconds(records: Sequence[ImageRecord], counts: dict[str, dic
 
     Why CPU seconds: wall time on a shared machine measures the other jobs too; CPU time (all
     threads of the worker) much less so. Single-thread workers on ``min(workers, cores)`` cores
-    finish the inference in about CPU total / that many cores. ``report_cpu`` (this run's tables +
-    metrics + embedding) is scaled linearly by the number of images: measured ~linear from 1.2k to
-    2.4k images, but an upper bound for small runs, whose fixed per-group bootstrap costs are scaled
-    too. ``startup_cpu``: one worker's imports + model loading + fast copies (workers start together)."""
+    finish the inference in about CPU total / (that many cores x ``POOL_EFFICIENCY``). ``report_cpu``
+    (this run's tables + metrics + embedding, all processes) is scaled linearly by the number of
+    images and shared by as many section processes: measured ~linear from 1.2k to 2.4k images, but an upper bound for small
+    runs, whose fixed per-group bootstrap costs are scaled too. ``startup_cpu``: one worker's imports
+    + model loading + fast copies (the workers start together)."""
     wall_m, cpu_m = _per_split_stage_means(records, "seconds"), _per_split_stage_means(records, "cpu_stages")
     wall_pooled, cpu_pooled = _stage_means(records, "seconds"), _stage_means(records, "cpu_stages")
     wall_proj, cpu_proj = _project(wall_m, wall_pooled, counts), _project(cpu_m, cpu_pooled, counts)
@@ -1220,8 +1309,8 @@ def projected_full_seconds(records: Sequence[ImageRecord], counts: dict[str, dic
     cores = max(1, min(int(workers), os.cpu_count() or 1))
     n_run = len(records) or 1
     n_full = sum(c.get("decode", 0) for c in counts.values())
-    inference = cpu_total / cores
-    reports = report_cpu * max(1.0, n_full / n_run)
+    inference = cpu_total / (cores * POOL_EFFICIENCY) if cores > 1 else cpu_total
+    reports = report_cpu * max(1.0, n_full / n_run) / cores  # the sections run in ``cores`` processes
     total = startup_cpu + inference + reports
     return {
         "per_split_mean_wall_seconds": _per_image_means(records, "seconds"),
@@ -1232,13 +1321,14 @@ def projected_full_seconds(records: Sequence[ImageRecord], counts: dict[str, dic
         "projected_inference_wall_seconds": wall_proj, "projected_inference_wall_total_seconds": float(sum(wall_proj.values())),
         "projected_inference_cpu_seconds": cpu_proj, "projected_inference_cpu_total_seconds": cpu_total,
         "projected_full_run_wall_seconds": {"startup": startup_cpu, "inference": inference, "reports": reports,
-                                            "reports_this_run": report_cpu, "total": total, "minutes": total / 60.0,
+                                            "reports_this_run": report_cpu / cores, "total": total, "minutes": total / 60.0,
                                             "cores_used": cores},
-        "note": ("full-run estimate for an otherwise idle machine: inference = projected CPU seconds / cores used (one "
-                 "single-thread worker per core); reports = this run's tables + metrics + embedding CPU seconds x (full "
-                 "images / run images), an upper bound for runs of < ~500 images (reports_this_run is the lower bound); "
-                 "startup = one worker's start-up CPU. CPU seconds rise ~25% when other jobs share the CPU (caches); "
-                 "wall seconds far more, so the projected wall figures only describe this run's conditions."),
+        "note": ("full-run estimate for an otherwise idle machine: inference = projected CPU seconds / (cores used x "
+                 f"{POOL_EFFICIENCY}) (one single-thread worker per core); reports = this run's tables + metrics + "
+                 "embedding CPU seconds x (full images / run images) / cores used, an upper bound for runs of < ~500 "
+                 "images (reports_this_run is the lower bound); startup = one worker's start-up CPU. CPU seconds rise "
+                 "~25% when other jobs share the CPU (caches), wall seconds far more, so the projected wall figures "
+                 "only describe this run's conditions."),
     }
 
 
@@ -1337,36 +1427,22 @@ def evaluate(settings: EvalSettings, manifest: pd.DataFrame | None = None,
     tables = build_tables(main_records, info, agg, kept_thr, max_les, nest)
     ita_extra = build_tables(extra_records, info, agg, kept_thr, max_les, nest).images
     seconds["tables"] = time.perf_counter() - t
+    tables_cpu = time.process_time() - report_cpu0
 
     t = time.perf_counter()
     prov = provenance(settings, info, digest, sampling)
     ctx = report_context(info, settings)
-    images, lesions = tables.images, tables.lesions
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1):  # numpy / scipy / sklearn threads would fight torch's OpenMP pool
-        sections: dict[str, Any] = {
-            "lesion_level": T.lesion_level_section(lesions, images, ctx),
-            "detection": T.detection_section(*detection_sets(main_records), ctx),
-            "image_level": T.image_level_section(images, ctx),
-            "calibration": T.calibration_report(lesions, images, ctx),
-            "operating_points": T.operating_points_report(images, ctx),
-            "skin_tone": T.skin_tone_report(lesions, images, ita_extra, ctx),
-            "error_analysis": T.error_report(lesions, ctx),
-        }
-    seconds["metrics"] = time.perf_counter() - t
-
-    t = time.perf_counter()
+    jobs = section_jobs(tables, ita_extra, detection_sets(main_records), ctx, settings.embedding, settings.seed)
+    sections, section_cpu, section_wall = report_sections(jobs, settings.workers)
     emb_table = pd.DataFrame()
-    if settings.embedding and not tables.lesions.empty and np.isfinite(tables.features).all(axis=1).any():
-        from lesiontriage.evaluate.embedding import embedding_json, embedding_table
-
-        emb_table, emb_info = embedding_table(tables.lesions, tables.features, seed=settings.seed)
-        sections["embedding"] = {**emb_info, "file": TABLE_FILES["embedding"], "map": embedding_json(emb_table)}
+    if "embedding" in sections:
+        sections["embedding"], emb_table = sections["embedding"]
     else:
-        sections["embedding"] = info.missing("classifier") if not info.ok("classifier") else {"status": "not available: no lesion features"}
-    seconds["embedding"] = time.perf_counter() - t
-    report_cpu = time.process_time() - report_cpu0  # tables + metrics + embedding, this process's threads
+        sections["embedding"] = info.missing("classifier") if not info.ok("classifier") else \
+            {"status": "not available: no lesion features"}
+    seconds["metrics"] = time.perf_counter() - t  # every section, the embedding included, in parallel
+    seconds["embedding"] = section_wall.get("embedding", 0.0)  # its own time inside the metrics step
+    report_cpu = tables_cpu + sum(section_cpu.values())  # whichever process ran each section
 
     out_dir = Path(settings.out_dir)
     files: dict[str, Path] = {}
