@@ -44,7 +44,20 @@ class BenchReport:
     throughput_images_per_s: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
     speed_ratio_end_to_end: dict[str, float] = field(default_factory=dict)
+    inference_engine: dict[str, str] = field(default_factory=dict)  # model -> engine that ran it (fast copy or eager)
     notes: list[str] = field(default_factory=list)
+
+
+def _cpu_name() -> str:
+    """CPU model and its widest vector extension (timings differ a lot between AVX2 and AVX-512 CPUs)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), platform.machine())
+    flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
+    vec = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name} ({vec})"
 
 
 def _stats(ms: list[float]) -> StageStats:
@@ -126,9 +139,10 @@ def run_bench(models_dir: Path | None = None, repeats: int = 7, folder_images: i
     pipe = TriagePipeline.from_dir(models_dir)
     load_s = {"lesiontriage": round(time.perf_counter() - t, 2)}
     report = BenchReport(command=command, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                         machine={"cpu": platform.processor() or platform.machine(), "threads": str(torch.get_num_threads()),
+                         machine={"cpu": _cpu_name(), "threads": str(torch.get_num_threads()),
                                   "torch": torch.__version__, "python": platform.python_version()},
-                         load_s=load_s)
+                         load_s=load_s,
+                         inference_engine={k: v["engine"] for k, v in pipe.inference_engine.items()})
     with tempfile.TemporaryDirectory() as tmp:
         imgs = bench_images(Path(tmp))
         for kind, p in imgs.items():

@@ -559,7 +559,7 @@ def _tiny_detector(seed: int, long_side: int = 128):
 
 def test_fast_detectors_match_eager_and_share_only_equal_prefixes():
     torch = pytest.importorskip("torch")
-    from lesiontriage.evaluate.fast import ENGINE_FAST_DET, _prefix, fast_detectors
+    from lesiontriage.networks.fast import ENGINE_FAST_DET, _prefix, fast_detectors
 
     one, c2, other = _tiny_detector(0), _tiny_detector(1), _tiny_detector(2)
     _prefix(c2.backbone).load_state_dict(_prefix(one.backbone).state_dict())  # fine-tuned with frozen early layers
@@ -583,7 +583,7 @@ def test_fast_detectors_match_eager_and_share_only_equal_prefixes():
 
 def test_fast_detectors_fall_back_to_eager_when_a_copy_cannot_be_built():
     torch = pytest.importorskip("torch")
-    from lesiontriage.evaluate.fast import ENGINE_EAGER, fast_detectors
+    from lesiontriage.networks.fast import ENGINE_EAGER, fast_detectors
 
     det = _tiny_detector(0)
     det.backbone.body = torch.nn.Identity()  # not a timm EfficientNet: no prefix to freeze
@@ -593,7 +593,7 @@ def test_fast_detectors_fall_back_to_eager_when_a_copy_cannot_be_built():
 
 def test_fast_classifier_matches_the_eager_outputs():
     torch = pytest.importorskip("torch")
-    from lesiontriage.evaluate.fast import ENGINE_FAST_CLS, fast_classifier
+    from lesiontriage.networks.fast import ENGINE_FAST_CLS, fast_classifier
     from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier
 
     torch.manual_seed(0)

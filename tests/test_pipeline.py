@@ -242,3 +242,24 @@ def test_box_selection_and_flip_tta_follow_the_settings(pipe, photos):
     expected = torch.sigmoid(torch.stack(views).mean(0) / t).item()
     assert tta.lesions[0].p_malignant == pytest.approx(expected, abs=1e-4)
     assert on.lesions[0].p_malignant == pytest.approx(torch.sigmoid(views[0] / t).item(), abs=1e-4)
+
+
+def test_fast_cpu_copies_predict_what_the_eager_models_predict(pipe, photos):
+    """The shipped pipeline runs frozen oneDNN copies by default (the speed target needs them); they
+    must give the eager models' boxes, probabilities and sub-types, and Grad-CAM keeps gradients."""
+    from lesiontriage.networks.fast import ENGINE_FAST_CLS, ENGINE_FAST_DET
+    from lesiontriage.pipeline import TriagePipeline
+
+    assert pipe.inference_engine["detector"]["engine"] == ENGINE_FAST_DET
+    assert pipe.inference_engine["classifier"]["engine"] == ENGINE_FAST_CLS
+    eager = TriagePipeline.from_dir(fast=False)
+    assert eager.inference_engine == {} and eager.fast_detector is None
+    for p in photos[:2]:
+        a, b = pipe.predict(p), eager.predict(p)
+        assert a.n_lesions == b.n_lesions > 0
+        assert np.allclose([l.box for l in a.lesions], [l.box for l in b.lesions], atol=0.5)
+        assert np.allclose([l.p_malignant for l in a.lesions], [l.p_malignant for l in b.lesions], atol=1e-4)
+        assert np.allclose([list(l.subtypes.values()) for l in a.lesions],
+                           [list(l.subtypes.values()) for l in b.lesions], atol=1e-4)
+    whole_a, whole_b = pipe.predict(photos[0], whole_image=True), eager.predict(photos[0], whole_image=True)
+    assert whole_a.image_score == pytest.approx(whole_b.image_score, abs=1e-4)

@@ -397,7 +397,7 @@ class Engine:
     logits, pooled features). Built once per process.
 
     ``fast``: run both detectors and both classifiers through frozen oneDNN copies
-    (:mod:`lesiontriage.evaluate.fast`, each checked against the eager model when built; the
+    (:mod:`lesiontriage.networks.fast`, each checked against the eager model when built; the
     detectors are ~75% of the evaluation's CPU time). ``inference_engine`` records what each model
     actually runs on. Crops, resizing, box logic and temperatures stay the pipeline's own code."""
 
@@ -407,7 +407,7 @@ class Engine:
         from lesiontriage.pipeline import TriagePipeline
 
         self.info = info
-        self.pipe = TriagePipeline.from_dir(models_dir) if info.ok("classifier") else None
+        self.pipe = TriagePipeline.from_dir(models_dir, fast=False) if info.ok("classifier") else None
         if threads:
             torch.set_num_threads(threads)
         self.raw_pipe = None
@@ -427,7 +427,7 @@ class Engine:
     def _use_fast_models(self) -> None:
         """Swap the evaluation's own model references for fast copies; ``self.pipe`` (the product
         path used for crops and normalisation) keeps its eager models untouched."""
-        from lesiontriage.evaluate.fast import fast_classifier, fast_detectors
+        from lesiontriage.networks.fast import fast_classifier, fast_detectors
 
         if self.classifier is not None:
             self.classifier, self.inference_engine["classifier"] = fast_classifier(self.classifier)

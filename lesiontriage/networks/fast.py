@@ -1,8 +1,9 @@
-"""CPU-fast copies of the shipped networks, for ``lesiontriage evaluate`` only.
+"""CPU-fast copies of the shipped networks, used by ``TriagePipeline`` (default) and ``lesiontriage evaluate``.
 
-Why: the detector resizes every photo to a 896 px long side and the evaluation runs two detectors
-(one-class and C=2) on most images: in eager PyTorch ~2.2 of the ~2.4 CPU-seconds an image costs.
-Three things cut that without changing what is computed:
+Why: the detector resizes every photo to a 896 px long side; in eager PyTorch detection + the flip-TTA
+classification of a 12-megapixel photo cost ~1.1 s on a 2-core AVX2 CPU, over the 1 s target, and the
+evaluation runs two detectors (one-class and C=2) on most images. Three things cut that without
+changing what is computed (measured on that CPU: detect 630 -> 280 ms, 6 crops x 3 views 455 -> 305 ms):
 
 1. The detector backbone + FPN and the RPN head, and the classifiers' ``outputs``, are plain
    convolution stacks: a frozen TorchScript copy run through oneDNN (batch-norm folded into the
@@ -10,7 +11,7 @@ Three things cut that without changing what is computed:
 2. The C=2 detector was fine-tuned from the one-class detector with its stem and first two
    EfficientNet stages frozen, so both compute the identical stride-4 features (~20% of a pass);
    when the weights are equal the two detectors share one cached prefix, reused only for an input
-   equal to the one it was computed from.
+   equal to the one it was computed from (evaluation only: the pipeline builds uncached prefixes).
 3. Everything with control flow (resize, anchors, proposal selection, NMS, the box head, box
    post-processing) stays torchvision's own ``FasterRCNN.forward`` on an unchanged copy, and the
    timm backbone's own ``forward`` runs the remaining stages.
@@ -93,18 +94,20 @@ class PrefixCache:
     """The frozen stem + first two stages of a detector backbone, remembering its last input and
     output so a second detector with identical frozen layers reuses them for the same image."""
 
-    def __init__(self, scripted: torch.jit.ScriptModule) -> None:
+    def __init__(self, scripted: torch.jit.ScriptModule, cache: bool = True) -> None:
         self.scripted = scripted
-        self._x: torch.Tensor | None = None
-        self._h: torch.Tensor | None = None
+        self.cache = cache
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, output), replaced as one object
         self.hits = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._x is not None and self._x.shape == x.shape and torch.equal(self._x, x):
+        last = self._last  # one read: another thread may replace it, never half of it
+        if last is not None and last[0].shape == x.shape and torch.equal(last[0], x):
             self.hits += 1
-            return self._h
+            return last[1]
         h = self.scripted(x)
-        self._x, self._h = x.clone(), h
+        if self.cache:
+            self._last = (x.clone(), h)
         return h
 
 
@@ -157,9 +160,18 @@ def _long_side(det: nn.Module) -> int:
     return int(det.transform.max_size)
 
 
+PROBE_SIDE = 320  # trace / check inputs: small keeps the build ~1 s; the check runs another, non-square size
+
+
+def _probe_side(det: nn.Module) -> int:
+    """Side of the square trace probe: the detector's own long side, capped at :data:`PROBE_SIDE`
+    (the traced graph is shape-generic; :func:`_check` proves it on a different, non-square shape)."""
+    return min(_long_side(det), PROBE_SIDE)
+
+
 def _build_fast(det: nn.Module, prefix: PrefixCache) -> nn.Module:
     """A copy of ``det`` with the frozen backbone (shared ``prefix`` + its own tail) and RPN head."""
-    side = _long_side(det)
+    side = _probe_side(det)
     x = _probe((side, side))
     with torch.no_grad():
         h = _prefix(det.backbone)(x)
@@ -177,7 +189,7 @@ def _check(eager: Mapping[str, nn.Module], fast: Mapping[str, nn.Module]) -> dic
     prefix is reused from the cache exactly as in use."""
     out: dict[str, float] = {}
     for key, det in eager.items():
-        side = _long_side(det)
+        side = _probe_side(det)
         x = _probe((side * 3 // 4, side), seed=1)
         with torch.inference_mode():
             ref = det.backbone(x)
@@ -187,19 +199,20 @@ def _check(eager: Mapping[str, nn.Module], fast: Mapping[str, nn.Module]) -> dic
     return out
 
 
-def fast_detectors(dets: Mapping[str, nn.Module], tolerance: float = TOLERANCE
+def fast_detectors(dets: Mapping[str, nn.Module], tolerance: float = TOLERANCE, cache_prefix: bool = True
                    ) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]]]:
     """Fast copies of torchvision Faster R-CNN ``dets`` ({name: detector}); detectors whose prefix
-    weights equal the first one's share its :class:`PrefixCache`. Returns ({name: detector to use},
-    {name: {engine, max_rel_diff, reason, shared_prefix}}); a detector whose copy cannot be built or
-    differs is returned as given (eager)."""
+    weights equal the first one's share its :class:`PrefixCache` (``cache_prefix=False``: the prefix
+    keeps no copy of its last input, as the pipeline wants for one detector). Returns
+    ({name: detector to use}, {name: {engine, max_rel_diff, reason, shared_prefix}}); a detector whose
+    copy cannot be built or differs is returned as given (eager)."""
     dets = {k: d.eval() for k, d in dets.items()}
     try:
         first = next(iter(dets.values()))
-        side = _long_side(first)
-        shared = PrefixCache(freeze_for_cpu(_prefix(first.backbone), _probe((side, side))))
-        prefixes = {k: shared if _same_weights(_prefix(d.backbone), _prefix(first.backbone)) and _long_side(d) == side
-                    else PrefixCache(freeze_for_cpu(_prefix(d.backbone), _probe((_long_side(d),) * 2)))
+        side = _probe_side(first)
+        shared = PrefixCache(freeze_for_cpu(_prefix(first.backbone), _probe((side, side))), cache=cache_prefix)
+        prefixes = {k: shared if _same_weights(_prefix(d.backbone), _prefix(first.backbone)) and _long_side(d) == _long_side(first)
+                    else PrefixCache(freeze_for_cpu(_prefix(d.backbone), _probe((_probe_side(d),) * 2)), cache=cache_prefix)
                     for k, d in dets.items()}
         fast = {k: _build_fast(d, prefixes[k]) for k, d in dets.items()}
         diffs = _check(dets, fast)
@@ -224,28 +237,42 @@ def fast_detectors(dets: Mapping[str, nn.Module], tolerance: float = TOLERANCE
 # =====================================================================================================
 
 class _Outputs(nn.Module):
-    """``LesionClassifier.outputs`` as a forward (what tracing records)."""
+    """What tracing records: the malignant logit [N], the sub-type *logits* [N, C] (flip TTA averages
+    logits) and the pooled features [N, F], from one pass through the trunk (dropout is off in eval)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.model.outputs(x)
+        f = self.model.features(x)
+        return self.model.malignant_head(f).squeeze(-1).float(), self.model.subtype_head(f).float(), f.float()
 
 
 class FastClassifier:
-    """What the evaluation uses of a ``LesionClassifier`` (``config`` and ``outputs``), with
-    ``outputs`` run by a frozen trace of the model's own ``outputs``."""
+    """What inference uses of a ``LesionClassifier`` (``config``, ``outputs`` and calling it for the
+    two heads' logits), run by a frozen trace of the model's own ``outputs``. Grad-CAM needs
+    gradients and keeps using the eager model."""
 
     def __init__(self, model: nn.Module, scripted: torch.jit.ScriptModule) -> None:
         self.model = model
         self.config = model.config
         self.scripted = scripted
 
-    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
-            return tuple(self.scripted(x.contiguous(memory_format=torch.channels_last)))
+            logit, sub, f = self.scripted(x.contiguous(memory_format=torch.channels_last))
+        return logit, sub, f
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As ``LesionClassifier.outputs``: logit, sub-type probabilities, pooled features."""
+        logit, sub, f = self._run(x)
+        return logit, torch.softmax(sub, dim=-1), f
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(malignant logit [N], sub-type logits [N, C]), as ``LesionClassifier.forward`` in eval."""
+        logit, sub, _ = self._run(x)
+        return logit, sub
 
 
 def fast_classifier(model: nn.Module, tolerance: float = TOLERANCE) -> tuple[Any, dict[str, Any]]:
