@@ -41,13 +41,20 @@ AGGREGATION_HELP = (
     "How per-lesion probabilities become one image score. Mean: average lesion. Max: the most "
     "suspicious lesion. Noisy-OR: 1 - prod(1 - p), the chance that at least one lesion is malignant."
 )
-def aggregation_sentence(aggregate: str, n_lesions: int, score: float) -> str:
-    """One line under the score saying how it was made (it also tells a browser test the switch landed)."""
+def aggregation_sentence(aggregate: str, n_lesions: int, score: float, lesion_score: float | None = None,
+                         whole_image_score: float | None = None, whole_image_weight: float = 0.0) -> str:
+    """One line under the score saying how it was made (it also tells a browser test the switch landed);
+    on a close-up it also gives the whole-image classifier's share (lesiontriage.hybrid)."""
     how = {"mean": "mean", "max": "maximum", "noisy_or": "noisy-OR, 1 - prod(1 - p),"}.get(aggregate, aggregate)
     if n_lesions == 0:
         return f"Score by {AGGREGATIONS.get(aggregate, aggregate)}: no lesion found, so the score is {score:.2f} by definition."
     plural = "s" if n_lesions != 1 else ""
-    return f"Score by {AGGREGATIONS.get(aggregate, aggregate)}: the {how} of {n_lesions} lesion probabilit{'ies' if plural else 'y'}."
+    text = f"Score by {AGGREGATIONS.get(aggregate, aggregate)}: the {how} of {n_lesions} lesion probabilit{'ies' if plural else 'y'}."
+    if whole_image_score is not None and lesion_score is not None:
+        w = whole_image_weight
+        text += (f" Close-up photo, so blended: {1 - w:.2g} x {lesion_score:.2f} + {w:.2g} x whole-image classifier "
+                 f"{whole_image_score:.2f} = {score:.2f} (the blend was chosen on validation photos).")
+    return text
 
 
 SUBTYPE_NAMES: dict[str, str] = {

@@ -258,7 +258,7 @@ _TRAIN_DEFAULTS = {"detector": "detector", "classifier": "classifier", "image-cl
 
 @app.command("train")
 def train(
-    model: str = typer.Argument(..., help="detector | classifier | image-classifier | box-rule | tiers (both chosen on validation)"),
+    model: str = typer.Argument(..., help="detector | classifier | image-classifier | box-rule | hybrid | tiers (the last three chosen on validation)"),
     config: Optional[str] = typer.Option(None, "--config", help="TOML config (default: the packaged one for MODEL)"),
     resume: bool = typer.Option(False, "--resume", help="Continue from runs/<name>/checkpoint.pt"),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest parquet (default runs/data/manifest.parquet)"),
@@ -286,8 +286,18 @@ def train(
         console.print(f"chosen nested_containment = {record['nested_containment']}, flip_tta = {record['flip_tta']} "
                       "(run `lesiontriage train tiers` next)")
         return
+    if model == "hybrid":
+        from lesiontriage.train.common import command_line
+        from lesiontriage.train.hybrid import choose_hybrid
+
+        record = choose_hybrid(manifest_path=manifest, data_root=data_root, command=command_line())
+        for row in record["table"]:
+            console.print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        console.print(f"chosen whole_image_weight = {record['whole_image_weight']}, close-up gate = "
+                      f"{record['closeup_min_box_fraction']} (run `lesiontriage train tiers` next)")
+        return
     if model not in _TRAIN_DEFAULTS:
-        _fail(f"unknown model {model!r}; choose one of {', '.join(_TRAIN_DEFAULTS)}, box-rule, tiers")
+        _fail(f"unknown model {model!r}; choose one of {', '.join(_TRAIN_DEFAULTS)}, box-rule, hybrid, tiers")
     cfg = config or _TRAIN_DEFAULTS[model]
     if model == "detector":
         from lesiontriage.train.detector import run_training

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from lesiontriage.aggregation import aggregate as aggregate_probs
 from lesiontriage.box_selection import BoxSelection
 from lesiontriage.errors import ImageError, ModelError
+from lesiontriage.hybrid import HybridRule
 from lesiontriage.imaging import LoadedImage, assess_quality, crop_with_margin, load_image
 from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier, MalignantLogitOnly
 from lesiontriage.networks.detector import DetectorConfig, build_detector
@@ -46,6 +47,8 @@ class PipelineSettings:
     flip_tta: bool = False  # lesion classifier: average logits over identity + h-flip + v-flip (chosen on validation)
     torch_threads: int = 2
     ensemble: bool = False  # average the malignancy of classifier + classifier_2 (when installed)
+    whole_image_weight: float = 0.0  # close-ups: weight of the whole-image classifier in the image score (hybrid.py)
+    closeup_min_box_fraction: float = 0.15  # largest kept box / image area that makes a photo a close-up
     fast_cpu: bool = True  # run the networks through frozen oneDNN copies (networks/fast.py), checked vs eager at load
 
 
@@ -151,6 +154,13 @@ class TriagePipeline:
         s = self.settings
         return BoxSelection(s.detector_score_threshold, s.max_lesions, s.nested_containment)
 
+    @property
+    def hybrid_rule(self) -> HybridRule:
+        """The close-up blend (from metadata.json; off without a whole-image classifier)."""
+        s = self.settings
+        weight = s.whole_image_weight if self.image_classifier is not None else 0.0
+        return HybridRule(weight, s.closeup_min_box_fraction)
+
     def detect_raw(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every box the detector emits (its own score floor), best first: for evaluation and studies."""
         if self.detector is None:
@@ -220,7 +230,10 @@ class TriagePipeline:
             return triage["thresholds"][aggregate], triage.get("chosen_on", "validation")
         return FALLBACK_THRESHOLDS, "fallback defaults (no validation thresholds in metadata.json)"
 
-    def make_tier(self, lesions: list[Lesion], score: float, mode: str, aggregate: str) -> Tier:
+    def make_tier(self, lesions: list[Lesion], score: float, mode: str, aggregate: str,
+                  result: TriageResult | None = None) -> Tier:
+        """Tier from the validation thresholds, with a reason naming the lesion that drives it (and the
+        whole-image share of the score when the close-up blend made it)."""
         thr, _ = self.thresholds(mode, aggregate)
         if mode == "two_stage" and not lesions:
             return Tier("routine", "No lesion found. If you can see a lesion, retake the photo closer, in focus and "
@@ -230,21 +243,29 @@ class TriagePipeline:
         what = (f"lesion #{driver + 1} (p_malignant {lesions[driver].p_malignant:.2f}, most like "
                 f"{lesions[driver].top_subtype})" if driver is not None else "the whole image")
         agg = {"mean": "mean", "max": "maximum", "noisy_or": "noisy-OR"}.get(aggregate, aggregate)
+        label = f"{agg} score"
+        if result is not None and result.whole_image_score is not None:
+            w = result.whole_image_weight
+            label = (f"close-up score ({1 - w:.2g} x lesion {agg} {result.lesion_score:.2f} + {w:.2g} x whole-image "
+                     f"classifier {result.whole_image_score:.2f})")
         if name == "urgent":
-            reason = f"Urgent: {agg} score {score:.2f} >= {thr['urgent']:.2f} (high-PPV point); driven by {what}."
+            reason = f"Urgent: {label} {score:.2f} >= {thr['urgent']:.2f} (high-PPV point); driven by {what}."
         elif name == "refer":
-            reason = f"Refer: {agg} score {score:.2f} >= {thr['refer']:.2f} (95%-sensitivity point); driven by {what}."
+            reason = f"Refer: {label} {score:.2f} >= {thr['refer']:.2f} (95%-sensitivity point); driven by {what}."
         else:
-            reason = f"Routine: {agg} score {score:.2f} < {thr['refer']:.2f} (95%-sensitivity point); highest: {what}."
+            reason = f"Routine: {label} {score:.2f} < {thr['refer']:.2f} (95%-sensitivity point); highest: {what}."
         return Tier(name, reason, driver)
 
     def reaggregate(self, result: TriageResult, aggregate: str) -> TriageResult:
         """Same lesions, another aggregation: no network runs (used by the app's selector)."""
         if result.mode == "whole_image":
             return replace(result, aggregate=aggregate)
-        score = float(aggregate_probs([l.p_malignant for l in result.lesions], aggregate))
-        return replace(result, aggregate=aggregate, image_score=score,
-                       tier=self.make_tier(result.lesions, score, result.mode, aggregate))
+        lesion_score = float(aggregate_probs([l.p_malignant for l in result.lesions], aggregate))
+        score = lesion_score
+        if result.whole_image_score is not None:
+            score = HybridRule(result.whole_image_weight).blend(lesion_score, result.whole_image_score)
+        out = replace(result, aggregate=aggregate, image_score=score, lesion_score=lesion_score)
+        return replace(out, tier=self.make_tier(out.lesions, score, out.mode, aggregate, out))
 
     # ---- public prediction --------------------------------------------------------------------------
     def load(self, image: Any, name: str | None = None) -> LoadedImage:
@@ -292,11 +313,22 @@ class TriagePipeline:
                    subtypes={n: float(q) for n, q in zip(names, qs)})
             for i, (b, s, p, qs) in enumerate(zip(boxes, det_scores, probs, subs))
         ]
-        score = float(aggregate_probs([l.p_malignant for l in lesions], aggregate))
-        tier = self.make_tier(lesions, score, "two_stage", aggregate)
-        timings["total"] = sum(timings.values())
-        return TriageResult(img.name, img.orig_width, img.orig_height, lesions, aggregate, score, tier, quality, timings,
-                            "two_stage", version)
+        lesion_score = float(aggregate_probs([l.p_malignant for l in lesions], aggregate))
+        score, whole_p, rule = lesion_score, None, self.hybrid_rule
+        h, w = img.rgb.shape[:2]
+        if rule.applies(boxes, w, h):
+            t = time.perf_counter()
+            batch = self._normalise([_to_tensor(img.rgb)], self.image_classifier.config)
+            whole_p = float(self.classify(batch, self.image_classifier, self.image_clf_meta)[0][0])
+            score = rule.blend(lesion_score, whole_p)
+            timings["whole_image"] = (time.perf_counter() - t) * 1000
+        result = TriageResult(img.name, img.orig_width, img.orig_height, lesions, aggregate, score,
+                              Tier("routine", "", None), quality, timings, "two_stage", version,
+                              lesion_score=lesion_score, whole_image_score=whole_p,
+                              whole_image_weight=rule.whole_image_weight if whole_p is not None else 0.0)
+        result.tier = self.make_tier(lesions, score, "two_stage", aggregate, result)
+        timings["total"] = sum(v for k, v in timings.items() if k != "total")
+        return result
 
     def predict_batch(self, images: Iterable[Any], aggregate: str | None = None, *, whole_image: bool = False,
                       ) -> list[TriageResult | ImageError]:

@@ -74,6 +74,10 @@ class TriageResult:
     model_version: str = ""
     intended_use: str = INTENDED_USE
     notes: list[str] = field(default_factory=list)  # e.g. "clinical covariates used (combined model)"
+    # Close-up blend (lesiontriage.hybrid): image_score = (1 - w) * lesion_score + w * whole_image_score.
+    lesion_score: float | None = None  # the aggregate over lesions alone (None in whole-image mode)
+    whole_image_score: float | None = None  # the whole-image classifier's p, when it entered the score
+    whole_image_weight: float = 0.0
 
     @property
     def n_lesions(self) -> int:

@@ -185,7 +185,8 @@ def headline() -> None:
     res = scored(current_aggregation())
     m1, m2 = st.columns(2)
     m1.metric("Triage score", f"{res.image_score:.2f}",
-              help="Image-level malignancy score in [0, 1] from the chosen aggregation of lesion probabilities.")
+              help="Image-level malignancy score in [0, 1] from the chosen aggregation of lesion probabilities "
+                   "(on a close-up, blended with the whole-image classifier).")
     m2.metric("Lesions found", n if two_stage else "-")
     if covariates_used:
         st.info("**Combined image + clinical model used**: lesion probabilities, score and tier include your "
@@ -197,7 +198,8 @@ def headline() -> None:
         st.segmented_control(
             "Aggregation", options=list(sup.AGGREGATIONS), format_func=sup.AGGREGATIONS.get,
             default=default_agg, key="aggregation", required=True, help=sup.AGGREGATION_HELP)
-        st.caption(sup.aggregation_sentence(res.aggregate, n, res.image_score) + threshold_sentence(res))
+        st.caption(sup.aggregation_sentence(res.aggregate, n, res.image_score, res.lesion_score, res.whole_image_score,
+                                            res.whole_image_weight) + threshold_sentence(res))
     else:
         st.caption("Whole-image mode: one score for the whole photo; aggregation does not apply."
                    + threshold_sentence(res))

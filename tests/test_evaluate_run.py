@@ -125,10 +125,14 @@ def test_operating_points_at_shipped_threshold_and_prevalence():
 
 
 def test_shipped_thresholds_read_from_metadata():
+    """The product's score (metadata mode two_stage) is the hybrid strategy; the paper's lesions-only
+    score has its own thresholds."""
     meta = {"triage": {"two_stage": {"thresholds": {"mean": {"refer": 0.2, "urgent": 0.6}}},
+                       "lesions_only": {"thresholds": {"max": {"refer": 0.1, "urgent": 0.5}}},
                        "whole_image": {"thresholds": {"whole": {"refer": 0.3, "urgent": 0.7}}}}}
     thr = T.shipped_thresholds(meta)
-    assert thr == {"two_stage.mean": {"refer": 0.2, "urgent": 0.6}, "direct.whole": {"refer": 0.3, "urgent": 0.7}}
+    assert thr == {"hybrid.mean": {"refer": 0.2, "urgent": 0.6}, "two_stage.max": {"refer": 0.1, "urgent": 0.5},
+                   "direct.whole": {"refer": 0.3, "urgent": 0.7}}
     assert T.shipped_thresholds({}) == {}
 
 

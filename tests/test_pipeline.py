@@ -263,3 +263,39 @@ def test_fast_cpu_copies_predict_what_the_eager_models_predict(pipe, photos):
                            [list(l.subtypes.values()) for l in b.lesions], atol=1e-4)
     whole_a, whole_b = pipe.predict(photos[0], whole_image=True), eager.predict(photos[0], whole_image=True)
     assert whole_a.image_score == pytest.approx(whole_b.image_score, abs=1e-4)
+
+
+def test_close_up_score_blends_the_whole_image_classifier_and_wide_field_does_not(pipe, photos):
+    """A close-up (one large box) gets (1 - w) * lesion aggregate + w * whole-image p; a photo whose
+    largest box is under the gate keeps the pure two-stage score; re-aggregation keeps the blend."""
+    import dataclasses
+
+    import torch
+
+    from lesiontriage.pipeline import TriagePipeline
+
+    def detector_with(box_fraction_side: float):
+        class FixedDetector(torch.nn.Module):
+            def forward(self, images):
+                h, w = images[0].shape[-2:]
+                s = box_fraction_side
+                boxes = torch.tensor([[0.1 * w, 0.1 * h, (0.1 + s) * w, (0.1 + s) * h]])
+                return [{"boxes": boxes, "scores": torch.tensor([0.9])}]
+        return FixedDetector()
+
+    settings = dataclasses.replace(pipe.settings, whole_image_weight=0.5, closeup_min_box_fraction=0.15)
+    variant = lambda side: TriagePipeline(detector_with(side), pipe.det_cfg, pipe.classifier, pipe.clf_meta, pipe.metadata,
+                                          pipe.image_classifier, pipe.image_clf_meta, settings=settings)
+    whole = pipe.predict(photos[1], whole_image=True).image_score
+    close = variant(0.6).predict(photos[1])  # box covers 36% of the image
+    assert close.whole_image_score == pytest.approx(whole, abs=1e-4) and close.whole_image_weight == 0.5
+    assert close.lesion_score == pytest.approx(close.lesions[0].p_malignant)
+    assert close.image_score == pytest.approx(0.5 * close.lesion_score + 0.5 * whole, abs=1e-6)
+    assert "whole-image" in close.tier.reason and "whole_image" in close.timings_ms
+    again = pipe.reaggregate(close, "max")
+    assert again.image_score == pytest.approx(0.5 * close.lesions[0].p_malignant + 0.5 * whole, abs=1e-6)
+    far = variant(0.2).predict(photos[1])  # 4% of the image: a wide-field-sized lesion
+    assert far.whole_image_score is None and far.image_score == pytest.approx(far.lesion_score)
+    off = TriagePipeline(detector_with(0.6), pipe.det_cfg, pipe.classifier, pipe.clf_meta, pipe.metadata,
+                         None, None, settings=settings).predict(photos[1])  # no whole-image model installed
+    assert off.whole_image_score is None and off.image_score == pytest.approx(off.lesion_score)

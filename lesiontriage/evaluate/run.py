@@ -50,6 +50,7 @@ import pandas as pd
 
 from lesiontriage import paths
 from lesiontriage.evaluate import tables as T
+from lesiontriage.hybrid import HybridRule
 from lesiontriage.results import INTENDED_USE, SUBTYPES
 
 log = logging.getLogger(__name__)
@@ -472,7 +473,7 @@ class Engine:
             return self.pipe.load(path)
         from lesiontriage.imaging import load_image
 
-        return load_image(path, max_side=2048)
+        return load_image(path, max_side=EVAL_DECODE_MAX_SIDE)
 
     def run_heads(self, model, batch, tta: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw malignant logit [N], sub-type probabilities [N, C], pooled features [N, F]: the
@@ -874,8 +875,10 @@ def _kept(st: dict[str, Any], t_cls: float, kept_threshold: float, max_lesions: 
     return _Kept(det["boxes"][keep], det["scores"][keep], p, sub)
 
 
-def _image_row(rec: ImageRecord, kept: _Kept | None, t_img: float, kept_threshold: float) -> dict[str, Any]:
-    """One row of predictions_images.parquet (without the ground-truth-crop columns)."""
+def _image_row(rec: ImageRecord, kept: _Kept | None, t_img: float, kept_threshold: float,
+               hybrid: HybridRule | None = None) -> dict[str, Any]:
+    """One row of predictions_images.parquet (without the ground-truth-crop columns). ``hybrid``: the
+    product's close-up blend of the two-stage and direct scores (lesiontriage.hybrid), as shipped."""
     it, st = rec.item, rec.stages
     ita = st.get("ita") or {}
     row: dict[str, Any] = {
@@ -909,7 +912,19 @@ def _image_row(rec: ImageRecord, kept: _Kept | None, t_img: float, kept_threshol
         mal = (c2["labels"] == 2) & (c2["scores"] >= C2_SCORE_FLOOR)
         for agg in T.AGGREGATIONS:
             row[T.IMAGE_SCORE_COLUMNS[f"one_step_c2.{agg}"]] = _aggregate(c2["scores"][mal], agg)
+    direct = row.get(T.IMAGE_SCORE_COLUMNS["direct.whole"])
+    if hybrid is not None and kept is not None and "cls_det" in st and direct is not None and rec.size:
+        w, h = rec.size
+        scale = min(1.0, EVAL_DECODE_MAX_SIDE / max(w, h))  # kept boxes are in the decoded image's pixels
+        blended = bool(len(kept.p)) and hybrid.applies(kept.boxes, w * scale, h * scale)
+        row["hybrid_blended"] = blended
+        for agg in T.AGGREGATIONS:
+            two = row[T.IMAGE_SCORE_COLUMNS[f"two_stage.{agg}"]]
+            row[T.IMAGE_SCORE_COLUMNS[f"hybrid.{agg}"]] = hybrid.blend(two, direct) if blended else two
     return row
+
+
+EVAL_DECODE_MAX_SIDE = 2048  # Engine.load: the pipeline's decode_max_side
 
 
 C2_SCORE_FLOOR = 0.05  # = DetectorConfig.box_score_thresh: every malignant box the detector reports
@@ -996,7 +1011,8 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def build_tables(records: Sequence[ImageRecord], info: ModelInfo, default_aggregate: str = "mean",
-                 kept_threshold: float = 0.5, max_lesions: int = 30, nested_containment: float = 0.0) -> Tables:
+                 kept_threshold: float = 0.5, max_lesions: int = 30, nested_containment: float = 0.0,
+                 hybrid: HybridRule | None = None) -> Tables:
     """Per-image, per-lesion and per-(kept-)detection tables from the inference records; every
     aggregation is computed here from the cached per-lesion probabilities."""
     models = info.metadata.get("models") or {}
@@ -1005,7 +1021,7 @@ def build_tables(records: Sequence[ImageRecord], info: ModelInfo, default_aggreg
     img_rows, les_rows, det_rows, feats = [], [], [], []
     for rec in records:
         kept = _kept(rec.stages, t_cls, kept_threshold, max_lesions, nested_containment)
-        row = _image_row(rec, kept, t_img, kept_threshold)
+        row = _image_row(rec, kept, t_img, kept_threshold, hybrid)
         if kept is not None:
             det_rows.extend(_detection_rows(rec, kept))
         lr, lf = _lesion_rows(rec, row, kept, t_cls, default_aggregate)
@@ -1424,8 +1440,9 @@ def evaluate(settings: EvalSettings, manifest: pd.DataFrame | None = None,
     ps = pipeline_settings(info)
     agg, kept_thr, max_les = str(ps.default_aggregate), float(ps.detector_score_threshold), int(ps.max_lesions)
     nest = float(ps.nested_containment)
-    tables = build_tables(main_records, info, agg, kept_thr, max_les, nest)
-    ita_extra = build_tables(extra_records, info, agg, kept_thr, max_les, nest).images
+    hybrid = HybridRule(float(ps.whole_image_weight), float(ps.closeup_min_box_fraction))
+    tables = build_tables(main_records, info, agg, kept_thr, max_les, nest, hybrid)
+    ita_extra = build_tables(extra_records, info, agg, kept_thr, max_les, nest, hybrid).images
     seconds["tables"] = time.perf_counter() - t
     tables_cpu = time.process_time() - report_cpu0
 

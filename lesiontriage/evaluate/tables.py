@@ -45,12 +45,16 @@ AGGREGATIONS: tuple[str, ...] = ("mean", "max", "noisy_or")
 IMAGE_SCORE_COLUMNS: dict[str, str] = {
     "direct.whole": "score_direct_whole",
     **{f"two_stage.{a}": f"score_two_stage_{a}" for a in AGGREGATIONS},
+    **{f"hybrid.{a}": f"score_hybrid_{a}" for a in AGGREGATIONS},
     **{f"one_step_c2.{a}": f"score_one_step_c2_{a}" for a in AGGREGATIONS},
 }
 # metadata.json 'triage' modes for each strategy (thresholds chosen on validation)
 TRIAGE_MODE: dict[str, tuple[str, str]] = {
     "direct.whole": ("whole_image", "whole"),
-    **{f"two_stage.{a}": ("two_stage", a) for a in AGGREGATIONS},
+    # the product's image score is metadata mode "two_stage" (= hybrid when the close-up blend is on);
+    # the paper's lesions-only score has its own validation thresholds ("lesions_only")
+    **{f"hybrid.{a}": ("two_stage", a) for a in AGGREGATIONS},
+    **{f"two_stage.{a}": ("lesions_only", a) for a in AGGREGATIONS},
 }
 # lesion-level score columns of predictions_lesions.parquet
 LESION_SCORE_COLUMNS: dict[str, str] = {
@@ -707,6 +711,8 @@ def strategy_status(ctx: ReportContext) -> dict[str, str]:
     return {
         "direct.whole": "ok" if ctx.ok("image_classifier") else ctx.missing("image_classifier")["status"],
         **{f"two_stage.{a}": two if two == "ok" else two["status"] for a in AGGREGATIONS},
+        **{f"hybrid.{a}": (two if two == "ok" else two["status"]) if ctx.ok("image_classifier")
+           else ctx.missing("image_classifier")["status"] for a in AGGREGATIONS},
         **{f"one_step_c2.{a}": "ok" if ctx.ok("detector_c2") else C2_MISSING for a in AGGREGATIONS},
     }
 
@@ -721,14 +727,18 @@ def image_level_section(images: pd.DataFrame, ctx: ReportContext) -> dict[str, A
     rows = ranking_rows(img, groups, IMAGE_SCORE_COLUMNS, n_boot=ctx.n_boot, seed=ctx.seed)
     ref = "two_stage.mean"
     comps = [(lab, IMAGE_SCORE_COLUMNS[lab], ref, IMAGE_SCORE_COLUMNS[ref])
-             for lab in ("two_stage.max", "two_stage.noisy_or", "direct.whole", "one_step_c2.max")]
+             for lab in ("two_stage.max", "two_stage.noisy_or", "direct.whole", "one_step_c2.max", "hybrid.mean")]
     comps.append(("two_stage.max", IMAGE_SCORE_COLUMNS["two_stage.max"], "direct.whole", IMAGE_SCORE_COLUMNS["direct.whole"]))
+    comps.append(("hybrid.mean", IMAGE_SCORE_COLUMNS["hybrid.mean"], "direct.whole", IMAGE_SCORE_COLUMNS["direct.whole"]))
+    comps = [c for c in comps if status.get(c[0]) == "ok" and status.get(c[2]) == "ok"] if status else comps
     plot = {k: v for k, v in IMAGE_SCORE_COLUMNS.items() if not k.startswith("one_step") or status[k] == "ok"}
     return {
         "definition": ("Image-level malignancy: direct = whole-image classifier; two_stage = one-class detector + lesion "
                        "classifier, image score aggregated over the kept lesions by mean / max / noisy-OR (1 - prod(1 - p_i)), "
                        "0 when no lesion is found; one_step_c2 = a C=2 malignant/benign detector (malignant box scores "
-                       "aggregated). Scenes: malignant = any malignant lesion in the scene. Paired tests: class-stratified "
+                       "aggregated); hybrid = the product's image score: on a close-up (largest kept box >= the gate share of the image) a "
+                       "blend of the two-stage score and the direct score (weight and gate chosen on validation, metadata.json "
+                       "pipeline.hybrid_choice), elsewhere the two-stage score. Scenes: malignant = any malignant lesion in the scene. Paired tests: class-stratified "
                        "paired bootstrap of a - b on the same images (two-sided p-value)."),
         "strategies": status,
         "metrics": rows,
@@ -917,6 +927,10 @@ def headline(sections: Mapping[str, Any], images: pd.DataFrame, ctx: ReportConte
         mask = images["split"] == "isic2018_test"
         out["specificity_at_95_sensitivity"] = specificity_at_sensitivity(
             images, mask, IMAGE_SCORE_COLUMNS[f"two_stage.{ctx.default_aggregate}"], 0.95, "isic2018_test (detected boxes)")
+        product = IMAGE_SCORE_COLUMNS[f"hybrid.{ctx.default_aggregate}"]
+        if has_scores(images, product):
+            out["specificity_at_95_sensitivity_product"] = specificity_at_sensitivity(
+                images, mask, product, 0.95, "isic2018_test (the product's image score: close-up blend)")
     status = strategy_status(ctx)
     for label in IMAGE_SCORE_COLUMNS:
         if status[label] != "ok":

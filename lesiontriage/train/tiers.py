@@ -52,7 +52,10 @@ def score_validation(pipe, rows: pd.DataFrame, data_root: Path | None) -> pd.Dat
         rec = {"path": r["path"], "source": r["source"], "modality": r["modality"], "y": int(r["malignant"]),
                "n_lesions": res.n_lesions}
         for name in AGGREGATORS:
-            rec[f"two_stage.{name}"] = aggregate([l.p_malignant for l in res.lesions], name)
+            # "two_stage" = the product's image score (close-up blend included); "lesions_only" = the
+            # paper's aggregate over lesions, whose thresholds the evaluation uses for that strategy
+            rec[f"two_stage.{name}"] = pipe.reaggregate(res, name).image_score
+            rec[f"lesions_only.{name}"] = aggregate([l.p_malignant for l in res.lesions], name)
         if pipe.image_classifier is not None:
             rec["whole_image.whole"] = pipe.predict(path, whole_image=True).image_score
         recs.append(rec)

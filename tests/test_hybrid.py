@@ -1,0 +1,60 @@
+"""The close-up blend (lesiontriage.hybrid) and its validation study (train/hybrid.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lesiontriage.hybrid import HybridRule, largest_box_fraction
+from lesiontriage.train.hybrid import CloseUp, choose_gate, choose_weight, score_table
+
+
+def test_largest_box_fraction_is_hand_computed():
+    boxes = np.array([[0, 0, 10, 10], [10, 10, 50, 30]], float)  # areas 100 and 800
+    assert largest_box_fraction(boxes, 100, 40) == pytest.approx(800 / 4000)
+    assert largest_box_fraction(np.zeros((0, 4)), 100, 40) == 0.0
+
+
+def test_rule_applies_only_to_close_ups_and_only_when_switched_on():
+    big, small = np.array([[0, 0, 60, 60]], float), np.array([[0, 0, 10, 10]], float)
+    rule = HybridRule(whole_image_weight=0.5, closeup_min_box_fraction=0.15)
+    assert rule.applies(big, 100, 100) and not rule.applies(small, 100, 100)
+    assert not rule.applies(np.zeros((0, 4)), 100, 100)  # no lesion kept: nothing to blend
+    assert not HybridRule(0.0, 0.15).applies(big, 100, 100)
+    assert rule.blend(0.2, 0.6) == pytest.approx(0.4)
+    assert HybridRule(0.25).blend(0.2, 0.6) == pytest.approx(0.75 * 0.2 + 0.25 * 0.6)
+
+
+def test_gate_is_the_smallest_candidate_above_every_wide_field_photo():
+    assert choose_gate([0.001, 0.14, 0.05], (0.05, 0.1, 0.15, 0.2)) == 0.15
+    assert choose_gate([0.1], (0.05, 0.1)) == float("inf")  # none above: the blend cannot be gated, stays off
+
+
+def _photos(whole_informative: bool, n: int = 200, seed: int = 0) -> list[CloseUp]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        y = int(i % 2)
+        lesion = np.clip(0.3 + 0.2 * y + rng.normal(0, 0.25, 2), 0, 1)  # weakly informative
+        whole = float(np.clip((0.3 + 0.4 * y if whole_informative else 0.5) + rng.normal(0, 0.15), 0, 1))
+        out.append(CloseUp("a" if i < n // 2 else "b", y, lesion, 0.5, whole))
+    return out
+
+
+def test_study_turns_the_blend_on_only_when_it_helps():
+    weights = (0.0, 0.25, 0.5, 0.75)
+    helpful = score_table(_photos(True), weights, 0.15, "mean")
+    assert choose_weight(helpful, 0.005) > 0
+    assert helpful["blended_share"].iloc[-1] == 1.0
+    noise = score_table(_photos(False), weights, 0.15, "mean")
+    assert choose_weight(noise, 0.005) == 0.0
+    gated_out = score_table(_photos(True), weights, 0.6, "mean")  # every box fraction 0.5 < gate: nothing blended
+    assert gated_out["blended_share"].max() == 0.0 and gated_out["macro"].nunique() == 1
+
+
+def test_the_app_says_how_a_blended_score_was_made():
+    from lesiontriage.app_support import aggregation_sentence
+
+    plain = aggregation_sentence("mean", 2, 0.3)
+    assert "whole-image" not in plain
+    blended = aggregation_sentence("mean", 2, 0.4, lesion_score=0.2, whole_image_score=0.6, whole_image_weight=0.5)
+    assert blended.startswith(plain) and "0.5 x 0.20 + 0.5 x whole-image classifier 0.60 = 0.40" in blended
