@@ -62,6 +62,11 @@ SUBTYPE_NAMES: dict[str, str] = {
     "AKIEC": "actinic keratosis / Bowen / SCC", "BKL": "benign keratosis", "DF": "dermatofibroma",
     "VASC": "vascular lesion", "OB": "other benign tumour",
 }
+# Short names for the lesion table's "Most like" column (the full names would be cut at its width).
+SUBTYPE_SHORT: dict[str, str] = {
+    "MEL": "melanoma", "NV": "naevus", "BCC": "basal cell ca.", "AKIEC": "actinic ker. / SCC",
+    "BKL": "benign keratosis", "DF": "dermatofibroma", "VASC": "vascular", "OB": "other benign",
+}
 TIER_COLOURS: dict[str, str] = {"urgent": "red", "refer": "orange", "routine": "green"}
 # Licences of the training data (model card); metadata.json's own list wins when present.
 DATA_LICENCES: dict[str, str] = {
@@ -346,7 +351,7 @@ def lesion_table(result: TriageResult, thumbnails: Sequence[str] | None = None) 
             "lesion": f"#{lesion.index + 1}",
             "crop": thumbnails[i] if thumbnails is not None and i < len(thumbnails) else None,
             "p_malignant": float(lesion.p_malignant),
-            "most_like": f"{lesion.top_subtype} ({SUBTYPE_NAMES.get(lesion.top_subtype, '')})" if lesion.subtypes else "",
+            "most_like": f"{lesion.top_subtype} ({SUBTYPE_SHORT.get(lesion.top_subtype, '')})" if lesion.subtypes else "",
             "subtypes": top_subtypes(lesion.subtypes),
             "detector_confidence": float(lesion.detector_score),
             "size_px": f"{lesion.box[2] - lesion.box[0]:.0f} x {lesion.box[3] - lesion.box[1]:.0f}",

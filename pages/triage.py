@@ -203,6 +203,9 @@ def headline() -> None:
     else:
         st.caption("Whole-image mode: one score for the whole photo; aggregation does not apply."
                    + threshold_sentence(res))
+        st.warning("The whole-image classifier was trained on close-ups (one lesion filling much of the photo). "
+                   "On a wide-field photo with several lesions its score is not meaningful: use the two-stage mode, "
+                   "which scores every lesion.", icon=":material/info:")
     if res.quality and res.quality.warnings:
         for w in res.quality.warnings:
             st.warning(f"Image quality: {w}", icon=":material/warning:")
@@ -281,7 +284,8 @@ if n:
             "lesion": st.column_config.TextColumn("Lesion", width="small"),
             "crop": st.column_config.ImageColumn("Crop", width="small"),
             "p_malignant": st.column_config.ProgressColumn("p(malignant)", min_value=0.0, max_value=1.0, format="%.2f"),
-            "most_like": st.column_config.TextColumn("Most like"),
+            "most_like": st.column_config.TextColumn("Most like", width="medium",
+                                                     help="Most likely sub-type; full names under Lesion details"),
             "subtypes": st.column_config.TextColumn("Sub-type probabilities (top 3)"),
             "detector_confidence": st.column_config.NumberColumn("Detector confidence", format="%.2f"),
             "size_px": st.column_config.TextColumn("Box (px)", width="small"),

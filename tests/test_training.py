@@ -79,6 +79,25 @@ def test_detector_training_runs_on_tiles(tiny, tmp_path):
     assert (tmp_path / "runs" / "tiny_det" / "best.pt").exists()
 
 
+def test_detector_continuation_from_a_shipped_model_scores_it_first(tiny, tmp_path, monkeypatch):
+    import lesiontriage.train.detector as det
+    from lesiontriage.networks.detector import DetectorConfig, build_detector
+
+    root, manifest = tiny
+    torch.manual_seed(3)
+    start = build_detector(DetectorConfig(long_side=160), pretrained=False).state_dict()
+    asked = []
+    monkeypatch.setattr(det, "load_shipped_state", lambda key: asked.append(key) or start)
+    cfg = det.DetectorTrainConfig(name="tiny_det_cont", network={"long_side": 160}, tile=128, batch_size=2, epoch_tiles=4,
+                                  epochs=1, bf16=False, source_shares={"ham10000": 1.0}, scenes_dir=str(tmp_path / "none"),
+                                  val_per_source=3, warmup_steps=1, init_from="detector")
+    trainer = det.DetectorTrainer(cfg, manifest_path=manifest, data_root=root)
+    out = trainer.fit()
+    assert asked == ["detector"]
+    assert [h["epoch"] for h in out["history"]] == [-1, 0] and out["history"][0]["init_from"] == "detector"
+    assert out["best"]["score"] >= out["history"][0]["val"]["macro_recall_iou50"]  # must beat the start point to ship
+
+
 def test_tile_dataset_keeps_boxes_inside_the_tile():
     from lesiontriage.data.torch_datasets import DetectionSample, DetectionTileDataset
 

@@ -27,7 +27,7 @@ from lesiontriage.data.torch_datasets import LesionImageDataset
 from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier
 from lesiontriage.paths import RUNS_DIR
 from lesiontriage.results import SUBTYPES
-from lesiontriage.train.common import (Timer, autocast, command_line, dataclass_from_dict, load_checkpoint,
+from lesiontriage.train.common import (Timer, autocast, command_line, dataclass_from_dict, load_checkpoint, load_shipped_state,
                                        save_checkpoint, save_result, seed_everything)
 
 log = logging.getLogger(__name__)
@@ -257,16 +257,6 @@ class ClassifierTrainer:
             if timer.elapsed > cfg.max_minutes * 60 or bad_epochs >= cfg.patience:
                 break
         return {"history": history, "best": best, "run_dir": str(self.run_dir)}
-
-
-def load_shipped_state(key: str, models_dir: Path | None = None) -> dict[str, torch.Tensor]:
-    """The state dict of a shipped model (``models/<key>.safetensors``), verified against metadata.json."""
-    from lesiontriage.paths import MODELS_DIR
-    from lesiontriage.weights import load_weights, read_metadata
-
-    models_dir = Path(models_dir or MODELS_DIR)
-    entry = read_metadata(models_dir)["models"][key]
-    return load_weights(models_dir / entry["file"], entry["sha256"])
 
 
 def run_training(config_path: str, resume: bool = False, manifest: Path | None = None, data_root: Path | None = None,

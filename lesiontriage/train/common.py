@@ -125,3 +125,13 @@ def load_result(run_dir: Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no finished run to export (train first)")
     return json.loads(path.read_text())
+
+
+def load_shipped_state(key: str, models_dir: Path | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of a shipped model (``models/<key>.safetensors``), verified against metadata.json."""
+    from lesiontriage.paths import MODELS_DIR
+    from lesiontriage.weights import load_weights, read_metadata
+
+    models_dir = Path(models_dir or MODELS_DIR)
+    entry = read_metadata(models_dir)["models"][key]
+    return load_weights(models_dir / entry["file"], entry["sha256"])

@@ -24,7 +24,7 @@ from lesiontriage.data.manifest import load_manifest, manifest_hash, resolve_pat
 from lesiontriage.data.torch_datasets import DetectionSample, DetectionTileDataset, decode_all
 from lesiontriage.networks.detector import DetectorConfig, build_detector
 from lesiontriage.paths import RUNS_DIR
-from lesiontriage.train.common import (Timer, autocast, command_line, dataclass_from_dict, load_checkpoint,
+from lesiontriage.train.common import (Timer, autocast, command_line, dataclass_from_dict, load_checkpoint, load_shipped_state,
                                        save_checkpoint, save_result, seed_everything)
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class DetectorTrainConfig:
     ckpt_every_steps: int = 50
     max_minutes: float = 70.0
     val_per_source: int = 60
-    init_from: str = ""  # checkpoint (.pt with "model") to fine-tune from, e.g. a previous run's best.pt
+    init_from: str = ""  # checkpoint (.pt with "model") to fine-tune from, or a shipped model key ("detector")
 
 
 def load_scene_samples(scenes_dir: Path, split: str, limit: int | None = None) -> list[DetectionSample]:
@@ -163,6 +163,15 @@ class DetectorTrainer:
         self.model.transform.min_size = (self.net_cfg.long_side,)
         self.model.transform.max_size = self.net_cfg.long_side
 
+    def _score_start_point(self, best_path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Validation recall of the init_from weights, saved as best.pt (epoch -1)."""
+        self._eval_mode_scale()
+        rec = detection_recall(self.model, self.val_samples)
+        print(f"start point ({self.cfg.init_from}): {rec}", flush=True)
+        save_checkpoint(best_path, model=self.model.state_dict(), epoch=-1, val=rec)
+        entry = {"epoch": -1, "init_from": self.cfg.init_from, "val": rec, "improved": True, "minutes": 0.0}
+        return [entry], {"score": rec["macro_recall_iou50"], "epoch": -1, "val": rec}
+
     def fit(self, resume: bool = False) -> dict[str, Any]:
         cfg = self.cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -174,7 +183,11 @@ class DetectorTrainer:
         start_epoch, start_step, history, best = 0, 0, [], {"score": -1.0, "epoch": -1}
         state = load_checkpoint(ckpt_path) if resume else None
         if not state and cfg.init_from:
-            init = load_checkpoint(Path(cfg.init_from))
+            shipped = not cfg.init_from.endswith(".pt")
+            if shipped:  # continue the shipped model: it is the first "best", so the run must beat it
+                init = {"model": load_shipped_state(cfg.init_from)}
+            else:
+                init = load_checkpoint(Path(cfg.init_from))
             if init is None:
                 raise FileNotFoundError(f"{cfg.init_from}: init_from checkpoint not found")
             own = self.model.state_dict()
@@ -182,6 +195,8 @@ class DetectorTrainer:
             self.model.load_state_dict(compatible, strict=False)
             skipped = sorted(set(own) - set(compatible))
             log.info("fine-tuning from %s (%d tensors re-initialised: %s)", cfg.init_from, len(skipped), skipped[:4])
+            if shipped:
+                history, best = self._score_start_point(best_path)
         if state:
             self.model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
