@@ -68,7 +68,11 @@ class CombinedClinicalModel(_OptionalModel):
         return 1.0 / (1.0 + np.exp(-z))
 
     def apply(self, result: TriageResult, answers: Mapping[str, Any], pipeline) -> TriageResult:
-        """A new result whose lesion probabilities, image score and tier use the answers."""
+        """A new result whose lesion probabilities, image score and tier use the answers.
+
+        The image score is the aggregate of the combined lesion probabilities, without the close-up
+        blend (lesiontriage.hybrid): the combined model was fitted on lesion probabilities, and the
+        blend's weight was chosen for image-only scores."""
         from lesiontriage.research.covariates import any_answer
 
         if not any_answer(answers) or not result.lesions or result.mode != "two_stage":
@@ -78,7 +82,8 @@ class CombinedClinicalModel(_OptionalModel):
         score = float(aggregate_probs([l.p_malignant for l in lesions], result.aggregate))
         tier = pipeline.make_tier(lesions, score, result.mode, result.aggregate)
         given = ", ".join(f"{k}={v}" for k, v in answers.items() if v not in (None, "", "unknown"))
-        return replace(result, lesions=lesions, image_score=score, tier=tier,
+        return replace(result, lesions=lesions, image_score=score, tier=tier, lesion_score=score,
+                       whole_image_score=None, whole_image_weight=0.0,
                        notes=[*result.notes, f"{COVARIATE_NOTE} ({given})"])
 
 

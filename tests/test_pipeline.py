@@ -191,6 +191,14 @@ def test_clinical_answers_change_the_result_through_the_shipped_combined_model(p
     assert old.image_score > young.image_score
     assert old.notes and "clinical covariates used" in old.notes[0] and not base.notes
     assert model.apply(base, {}, pipe) is base
+    # a close-up's blend with the whole-image classifier does not survive the clinical model (its score is
+    # the aggregate of the combined lesion probabilities), not even after switching the aggregation
+    import dataclasses
+
+    blended = dataclasses.replace(base, whole_image_score=0.9, whole_image_weight=0.5)
+    combined = model.apply(blended, {"age": 85, "grew": "yes"}, pipe)
+    assert combined.whole_image_score is None
+    assert pipe.reaggregate(combined, "max").image_score == pytest.approx(max(l.p_malignant for l in combined.lesions))
 
 
 def test_management_suggestion_from_the_shipped_model(pipe, photos):
