@@ -288,9 +288,13 @@ def train(
         return
     if model == "hybrid":
         from lesiontriage.train.common import command_line
+        from lesiontriage.errors import LesionTriageError
         from lesiontriage.train.hybrid import choose_hybrid
 
-        record = choose_hybrid(manifest_path=manifest, data_root=data_root, command=command_line())
+        try:
+            record = choose_hybrid(manifest_path=manifest, data_root=data_root, command=command_line())
+        except (LesionTriageError, FileNotFoundError) as exc:
+            _fail(str(exc))
         for row in record["table"]:
             console.print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         console.print(f"chosen whole_image_weight = {record['whole_image_weight']}, close-up gate = "

@@ -58,3 +58,26 @@ def test_the_app_says_how_a_blended_score_was_made():
     assert "whole-image" not in plain
     blended = aggregation_sentence("mean", 2, 0.4, lesion_score=0.2, whole_image_score=0.6, whole_image_weight=0.5)
     assert blended.startswith(plain) and "0.5 x 0.20 + 0.5 x whole-image classifier 0.60 = 0.40" in blended
+
+
+def test_study_refuses_models_without_a_whole_image_classifier(tmp_path):
+    """A clear error naming the metadata file, raised before any data is read."""
+    import json
+    import shutil
+
+    from lesiontriage.errors import ModelError
+    from lesiontriage.paths import MODELS_DIR
+    from lesiontriage.train.hybrid import choose_hybrid
+
+    meta = json.loads((MODELS_DIR / "metadata.json").read_text()) if (MODELS_DIR / "metadata.json").exists() else {}
+    if "classifier" not in meta.get("models", {}):
+        pytest.skip("no trained models in models/ yet")
+    models = tmp_path / "models"
+    models.mkdir()
+    for key in ("classifier", "detector"):
+        if key in meta["models"]:
+            shutil.copy(MODELS_DIR / meta["models"][key]["file"], models / meta["models"][key]["file"])
+    meta["models"] = {k: v for k, v in meta["models"].items() if k in ("classifier", "detector")}
+    (models / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="whole-image classifier"):
+        choose_hybrid(models, manifest_path=tmp_path / "no_manifest.parquet")

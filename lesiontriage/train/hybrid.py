@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from lesiontriage.aggregation import aggregate
 from lesiontriage.box_selection import select_boxes
 from lesiontriage.data.manifest import load_manifest, manifest_hash, resolve_path
+from lesiontriage.errors import ModelError
 from lesiontriage.hybrid import HybridRule, largest_box_fraction
 from lesiontriage.paths import MODELS_DIR, RUNS_DIR
 from lesiontriage.pipeline import _to_tensor
@@ -146,10 +147,11 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
     from lesiontriage.pipeline import TriagePipeline
 
     study = study or HybridStudy()
-    manifest = load_manifest(manifest_path)
     pipe = TriagePipeline.from_dir(models_dir)
     if pipe.image_classifier is None:
-        raise RuntimeError("the blend needs models/image_classifier.safetensors")
+        raise ModelError(f"the close-up blend needs a whole-image classifier: {models_dir / 'metadata.json'} lists none "
+                         "(run `lesiontriage train image-classifier` first)")
+    manifest = load_manifest(manifest_path)
     meta = read_metadata(models_dir)
     wide = _widefield_fractions(pipe, manifest, study, data_root)
     gate = choose_gate([w["largest_box_fraction"] for w in wide], study.gates)
