@@ -42,18 +42,24 @@ AGGREGATION_HELP = (
     "suspicious lesion. Noisy-OR: 1 - prod(1 - p), the chance that at least one lesion is malignant."
 )
 def aggregation_sentence(aggregate: str, n_lesions: int, score: float, lesion_score: float | None = None,
-                         whole_image_score: float | None = None, whole_image_weight: float = 0.0) -> str:
+                         whole_image_score: float | None = None, whole_image_weight: float = 0.0,
+                         full_frame_score: float | None = None, full_frame_weight: float = 0.0) -> str:
     """One line under the score saying how it was made (it also tells a browser test the switch landed);
-    on a close-up it also gives the whole-image classifier's share (lesiontriage.hybrid)."""
+    on a close-up it also gives the whole-frame views' shares (lesiontriage.hybrid)."""
     how = {"mean": "mean", "max": "maximum", "noisy_or": "noisy-OR, 1 - prod(1 - p),"}.get(aggregate, aggregate)
     if n_lesions == 0:
         return f"Score by {AGGREGATIONS.get(aggregate, aggregate)}: no lesion found, so the score is {score:.2f} by definition."
     plural = "s" if n_lesions != 1 else ""
     text = f"Score by {AGGREGATIONS.get(aggregate, aggregate)}: the {how} of {n_lesions} lesion probabilit{'ies' if plural else 'y'}."
-    if whole_image_score is not None and lesion_score is not None:
-        w = whole_image_weight
-        text += (f" Close-up photo, so blended: {1 - w:.2g} x {lesion_score:.2f} + {w:.2g} x whole-image classifier "
-                 f"{whole_image_score:.2f} = {score:.2f} (the blend was chosen on validation photos).")
+    views = []
+    if whole_image_score is not None and whole_image_weight > 0:
+        views.append(f"{whole_image_weight:.2g} x whole-image classifier {whole_image_score:.2f}")
+    if full_frame_score is not None and full_frame_weight > 0:
+        views.append(f"{full_frame_weight:.2g} x lesion classifier on the whole photo {full_frame_score:.2f}")
+    if views and lesion_score is not None:
+        lw = 1.0 - whole_image_weight - full_frame_weight
+        text += (f" Close-up photo, so blended: {lw:.2g} x {lesion_score:.2f} + " + " + ".join(views)
+                 + f" = {score:.2f} (the blend was chosen on validation photos).")
     return text
 
 

@@ -297,7 +297,8 @@ def train(
             _fail(str(exc))
         for row in record["table"]:
             console.print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        console.print(f"chosen whole_image_weight = {record['whole_image_weight']}, close-up gate = "
+        console.print(f"chosen whole_image_weight = {record['whole_image_weight']}, full_frame_weight = "
+                      f"{record['full_frame_weight']}, close-up gate = "
                       f"{record['closeup_min_box_fraction']} (run `lesiontriage train tiers` next)")
         return
     if model not in _TRAIN_DEFAULTS:

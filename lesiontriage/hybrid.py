@@ -1,18 +1,25 @@
-"""Close-up image score: the lesion aggregate blended with the direct whole-image classifier.
+"""Close-up image score: the lesion aggregate blended with two whole-frame views of the photo.
 
 Why: the seed paper compares the two-stage path (detect -> classify crops -> aggregate) with a
-direct whole-image classifier. On close-ups (dermoscopy, a clinical photo of one lesion) the two see
-the same lesion in different ways: the crop classifier sees the detected box, which is sometimes a
-part of the lesion or a neighbouring spot; the whole-image classifier sees the lesion in context.
-Averaging them is an ensemble of the paper's two strategies, and on validation it beat both
-(``lesiontriage train hybrid``; table in ``models/metadata.json`` ``pipeline.hybrid_choice``).
+direct whole-image classifier. On close-ups (dermoscopy, a clinical photo of one lesion) the crop
+classifier sees the detected box, which is sometimes a part of the lesion or a neighbouring spot,
+while a view of the whole frame sees the lesion whole and in context. Two such views exist:
 
-On a wide-field photo (several small moles) the whole-image classifier is out of its training
-distribution (it was trained on close-ups), so the blend applies only when the largest kept lesion
-box covers at least ``closeup_min_box_fraction`` of the image: that gate is set above every
-wide-field validation photo (real mole photos + synthetic scenes). With ``whole_image_weight`` 0 the
-score is the paper's pure two-stage score. Lesion probabilities (box colours) never change: only
-the image-level triage score does, and the result says how it was made.
+* the **direct whole-image classifier** (the paper's baseline, trained on whole photos), and
+* the **full-frame view**: the lesion classifier itself applied to the whole photo, as if the
+  frame were one lesion crop. On a close-up that *is* what the classifier was trained on (a lesion
+  with some skin around it), without the detector's cropping errors.
+
+The close-up score is a weighted mean ``w_lesion x lesion aggregate + w_whole x whole-image p +
+w_frame x full-frame p`` (the weights sum to 1): an ensemble of the paper's strategies, chosen on
+validation by ``lesiontriage train hybrid`` (table in ``models/metadata.json`` ``pipeline.hybrid_choice``).
+
+On a wide-field photo (several small moles) both frame views are out of distribution (neither
+model was trained on scenes), so the blend applies only when the largest kept lesion box covers at
+least ``closeup_min_box_fraction`` of the image: that gate is set above every wide-field validation
+photo (real mole photos + synthetic scenes). With both weights 0 the score is the paper's pure
+two-stage score. Lesion probabilities (box colours) never change: only the image-level triage
+score does, and the result says how it was made.
 """
 from __future__ import annotations
 
@@ -32,15 +39,47 @@ def largest_box_fraction(boxes: np.ndarray, width: float, height: float) -> floa
 
 @dataclass(frozen=True)
 class HybridRule:
-    """How a close-up's triage score combines the lesion aggregate and the whole-image score."""
+    """How a close-up's triage score combines the lesion aggregate and the two whole-frame views."""
 
-    whole_image_weight: float = 0.0  # 0 = off: the pure two-stage score
+    whole_image_weight: float = 0.0  # direct whole-image classifier; 0 with full_frame_weight 0 = off
     closeup_min_box_fraction: float = 0.15  # largest kept box / image area needed to call a photo a close-up
+    full_frame_weight: float = 0.0  # the lesion classifier on the whole frame
+
+    def __post_init__(self) -> None:
+        w, f = float(self.whole_image_weight), float(self.full_frame_weight)
+        if w < 0 or f < 0 or w + f > 1 + 1e-9:
+            raise ValueError(f"close-up blend weights must be >= 0 and sum to <= 1, got whole {w}, full frame {f}")
+
+    @property
+    def lesion_weight(self) -> float:
+        return 1.0 - float(self.whole_image_weight) - float(self.full_frame_weight)
+
+    @property
+    def active(self) -> bool:
+        return self.whole_image_weight > 0 or self.full_frame_weight > 0
 
     def applies(self, boxes: np.ndarray, width: float, height: float) -> bool:
         """True for a close-up with at least one kept lesion, when the blend is switched on."""
-        return self.whole_image_weight > 0 and largest_box_fraction(boxes, width, height) >= self.closeup_min_box_fraction
+        return self.active and largest_box_fraction(boxes, width, height) >= self.closeup_min_box_fraction
 
-    def blend(self, lesion_score: float, whole_image_score: float) -> float:
-        w = float(self.whole_image_weight)
-        return (1.0 - w) * float(lesion_score) + w * float(whole_image_score)
+    def blend(self, lesion_score: float, whole_image_score: float | None = None,
+              full_frame_score: float | None = None) -> float:
+        """The close-up score; a view with weight > 0 must be given."""
+        out = self.lesion_weight * float(lesion_score)
+        for weight, score, name in ((self.whole_image_weight, whole_image_score, "whole-image"),
+                                    (self.full_frame_weight, full_frame_score, "full-frame")):
+            if weight > 0:
+                if score is None:
+                    raise ValueError(f"the close-up blend gives the {name} view weight {weight} but no {name} score")
+                out += float(weight) * float(score)
+        return out
+
+    def describe(self, aggregate_label: str, lesion_score: float, whole_image_score: float | None,
+                 full_frame_score: float | None) -> str:
+        """'close-up score (0.5 x lesion mean 0.20 + 0.25 x whole-image classifier 0.60 + ...)'."""
+        parts = [f"{self.lesion_weight:.2g} x lesion {aggregate_label} {lesion_score:.2f}"]
+        if self.whole_image_weight > 0 and whole_image_score is not None:
+            parts.append(f"{self.whole_image_weight:.2g} x whole-image classifier {whole_image_score:.2f}")
+        if self.full_frame_weight > 0 and full_frame_score is not None:
+            parts.append(f"{self.full_frame_weight:.2g} x lesion classifier on the whole photo {full_frame_score:.2f}")
+        return "close-up score (" + " + ".join(parts) + ")"

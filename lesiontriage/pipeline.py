@@ -48,6 +48,7 @@ class PipelineSettings:
     torch_threads: int = 2
     ensemble: bool = False  # average the malignancy of classifier + classifier_2 (when installed)
     whole_image_weight: float = 0.0  # close-ups: weight of the whole-image classifier in the image score (hybrid.py)
+    full_frame_weight: float = 0.0  # close-ups: weight of the lesion classifier run on the whole photo (hybrid.py)
     closeup_min_box_fraction: float = 0.15  # largest kept box / image area that makes a photo a close-up
     fast_cpu: bool = True  # run the networks through frozen oneDNN copies (networks/fast.py), checked vs eager at load
 
@@ -156,10 +157,15 @@ class TriagePipeline:
 
     @property
     def hybrid_rule(self) -> HybridRule:
-        """The close-up blend (from metadata.json; off without a whole-image classifier)."""
+        """The close-up blend (from metadata.json; the whole-image view is off without a whole-image classifier)."""
         s = self.settings
         weight = s.whole_image_weight if self.image_classifier is not None else 0.0
-        return HybridRule(weight, s.closeup_min_box_fraction)
+        return HybridRule(weight, s.closeup_min_box_fraction, s.full_frame_weight)
+
+    @staticmethod
+    def result_rule(result: TriageResult) -> HybridRule:
+        """The blend that made ``result``'s score (weights 0 when none was applied)."""
+        return HybridRule(result.whole_image_weight, full_frame_weight=result.full_frame_weight)
 
     def detect_raw(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every box the detector emits (its own score floor), best first: for evaluation and studies."""
@@ -179,6 +185,20 @@ class TriagePipeline:
             return boxes, scores
         keep = self.box_selection.select(boxes, scores)
         return boxes[keep], scores[keep]
+
+    def lesion_probabilities(self, rgb: np.ndarray, boxes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """p_malignant [N] and sub-type probabilities [N, 8] of the configured lesion classifier(s) (the
+        ensemble's mean when ``settings.ensemble``; flip TTA per settings) for the crops of ``boxes``, or for
+        the whole frame as one crop when ``boxes`` is None (the close-up blend's full-frame view)."""
+        members = [(self.classifier, self.clf_meta)]
+        if self.second_classifier is not None:
+            members.append((self.second_classifier, self.second_clf_meta))
+        outs = []
+        for model, meta in members:
+            batch = (self._normalise([_to_tensor(rgb)], model.config) if boxes is None
+                     else self._crop_batch(rgb, boxes, model.config))
+            outs.append(self.classify(batch, model, meta, tta=self.settings.flip_tta))
+        return np.mean([o[0] for o in outs], axis=0), np.mean([o[1] for o in outs], axis=0)
 
     def _crop_batch(self, rgb: np.ndarray, boxes: np.ndarray, cfg: ClassifierConfig) -> torch.Tensor:
         crops = [crop_with_margin(rgb, b.tolist(), margin=cfg.crop_margin, square=True) for b in boxes]
@@ -244,10 +264,9 @@ class TriagePipeline:
                 f"{lesions[driver].top_subtype})" if driver is not None else "the whole image")
         agg = {"mean": "mean", "max": "maximum", "noisy_or": "noisy-OR"}.get(aggregate, aggregate)
         label = f"{agg} score"
-        if result is not None and result.whole_image_score is not None:
-            w = result.whole_image_weight
-            label = (f"close-up score ({1 - w:.2g} x lesion {agg} {result.lesion_score:.2f} + {w:.2g} x whole-image "
-                     f"classifier {result.whole_image_score:.2f})")
+        if result is not None and result.blended and result.lesion_score is not None:
+            label = self.result_rule(result).describe(agg, result.lesion_score, result.whole_image_score,
+                                                      result.full_frame_score)
         if name == "urgent":
             reason = f"Urgent: {label} {score:.2f} >= {thr['urgent']:.2f} (high-PPV point); driven by {what}."
         elif name == "refer":
@@ -262,8 +281,8 @@ class TriagePipeline:
             return replace(result, aggregate=aggregate)
         lesion_score = float(aggregate_probs([l.p_malignant for l in result.lesions], aggregate))
         score = lesion_score
-        if result.whole_image_score is not None:
-            score = HybridRule(result.whole_image_weight).blend(lesion_score, result.whole_image_score)
+        if result.blended:
+            score = self.result_rule(result).blend(lesion_score, result.whole_image_score, result.full_frame_score)
         out = replace(result, aggregate=aggregate, image_score=score, lesion_score=lesion_score)
         return replace(out, tier=self.make_tier(out.lesions, score, out.mode, aggregate, out))
 
@@ -299,13 +318,7 @@ class TriagePipeline:
         boxes, det_scores = self.detect(img.rgb)
         timings["detect"] = (time.perf_counter() - t) * 1000
         t = time.perf_counter()
-        tta = self.settings.flip_tta
-        probs, subs = self.classify(self._crop_batch(img.rgb, boxes, self.classifier.config), tta=tta) if len(boxes) else \
-            self.classify(torch.zeros(0))
-        if self.second_classifier is not None and len(boxes):
-            p2, s2 = self.classify(self._crop_batch(img.rgb, boxes, self.second_classifier.config),
-                                   self.second_classifier, self.second_clf_meta, tta=tta)
-            probs, subs = (probs + p2) / 2, (subs + s2) / 2
+        probs, subs = self.lesion_probabilities(img.rgb, boxes) if len(boxes) else self.classify(torch.zeros(0))
         timings["classify"] = (time.perf_counter() - t) * 1000
         names = self.classifier.config.subtypes
         lesions = [
@@ -314,18 +327,25 @@ class TriagePipeline:
             for i, (b, s, p, qs) in enumerate(zip(boxes, det_scores, probs, subs))
         ]
         lesion_score = float(aggregate_probs([l.p_malignant for l in lesions], aggregate))
-        score, whole_p, rule = lesion_score, None, self.hybrid_rule
+        score, whole_p, frame_p, rule = lesion_score, None, None, self.hybrid_rule
         h, w = img.rgb.shape[:2]
-        if rule.applies(boxes, w, h):
+        blended = rule.applies(boxes, w, h)
+        if blended and rule.whole_image_weight > 0:
             t = time.perf_counter()
             batch = self._normalise([_to_tensor(img.rgb)], self.image_classifier.config)
             whole_p = float(self.classify(batch, self.image_classifier, self.image_clf_meta)[0][0])
-            score = rule.blend(lesion_score, whole_p)
             timings["whole_image"] = (time.perf_counter() - t) * 1000
+        if blended and rule.full_frame_weight > 0:
+            t = time.perf_counter()
+            frame_p = float(self.lesion_probabilities(img.rgb)[0][0])
+            timings["full_frame"] = (time.perf_counter() - t) * 1000
+        if blended:
+            score = rule.blend(lesion_score, whole_p, frame_p)
         result = TriageResult(img.name, img.orig_width, img.orig_height, lesions, aggregate, score,
                               Tier("routine", "", None), quality, timings, "two_stage", version,
                               lesion_score=lesion_score, whole_image_score=whole_p,
-                              whole_image_weight=rule.whole_image_weight if whole_p is not None else 0.0)
+                              whole_image_weight=rule.whole_image_weight if blended else 0.0,
+                              full_frame_score=frame_p, full_frame_weight=rule.full_frame_weight if blended else 0.0)
         result.tier = self.make_tier(lesions, score, "two_stage", aggregate, result)
         timings["total"] = sum(v for k, v in timings.items() if k != "total")
         return result

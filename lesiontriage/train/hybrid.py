@@ -6,14 +6,16 @@
    real mole photos of the val split and synthetic val scenes, generated here when absent) and sets
    ``closeup_min_box_fraction`` to the smallest candidate above the largest-box fraction of every
    one of them: the whole-image classifier was trained on close-ups only and must not score scenes.
-2. **Weight.** On the labelled validation photos of ``train box-rule`` (the same cached detections
-   and flip-TTA lesion probabilities) plus the whole-image classifier's p per photo, scores every
-   candidate weight with that gate: image score per photo, ROC AUC per source x modality stratum,
-   macro mean under the default aggregation. A weight replaces 0 (the pure two-stage score) only
-   with a gain >= ``min_gain``.
+2. **Weights.** On the labelled validation photos of ``train box-rule`` (the same cached detections
+   and flip-TTA lesion probabilities) plus two whole-frame views per photo (the whole-image
+   classifier's p and the lesion classifier's p on the whole frame, flip TTA as shipped), scores
+   every candidate pair (whole-image weight, full-frame weight) with that gate: image score per
+   photo, ROC AUC per source x modality stratum, macro mean under the default aggregation. A pair
+   replaces (0, 0) (the pure two-stage score) only with a gain >= ``min_gain``.
 
-Writes ``pipeline.whole_image_weight``, ``pipeline.closeup_min_box_fraction`` and the table under
-``pipeline.hybrid_choice`` in ``models/metadata.json``. Run ``train tiers`` afterwards: the tiers
+Writes ``pipeline.whole_image_weight``, ``pipeline.full_frame_weight``,
+``pipeline.closeup_min_box_fraction`` and the table under ``pipeline.hybrid_choice`` in
+``models/metadata.json``. Run ``train tiers`` afterwards: the tiers
 are thresholds on the scores this rule produces.
 """
 from __future__ import annotations
@@ -45,7 +47,8 @@ from lesiontriage.weights import read_metadata, write_metadata
 class HybridStudy:
     """Candidates and decision criterion."""
 
-    weights: tuple[float, ...] = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75)
+    weights: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # per view
+    min_lesion_weight: float = 0.2  # the lesions keep a say: the tier names the lesion that drives it
     gates: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
     aggregate: str = "mean"
     min_gain: float = 0.005
@@ -55,13 +58,19 @@ class HybridStudy:
 
 @dataclass
 class CloseUp:
-    """One labelled validation photo: kept lesions' p (flip TTA as shipped), sizes, whole-image p."""
+    """One labelled validation photo: kept lesions' p (flip TTA as shipped), sizes, whole-frame views."""
 
     stratum: str
     y: int
     lesion_p: np.ndarray
     box_fraction: float
-    whole_p: float
+    whole_p: float  # direct whole-image classifier
+    frame_p: float = float("nan")  # lesion classifier on the whole frame
+
+
+def weight_pairs(weights: tuple[float, ...], min_lesion_weight: float) -> list[tuple[float, float]]:
+    """Every (whole-image, full-frame) candidate leaving the lesion aggregate >= ``min_lesion_weight``."""
+    return [(w, f) for w in weights for f in weights if w + f <= 1.0 - min_lesion_weight + 1e-9]
 
 
 def choose_gate(widefield_fractions: list[float], gates: tuple[float, ...]) -> float:
@@ -71,28 +80,37 @@ def choose_gate(widefield_fractions: list[float], gates: tuple[float, ...]) -> f
     return above[0] if above else float("inf")
 
 
-def score_table(photos: list[CloseUp], weights: tuple[float, ...], gate: float, agg: str) -> pd.DataFrame:
-    """Macro / per-stratum AUC and the share of photos blended, for every weight at this gate."""
+def score_table(photos: list[CloseUp], pairs: list[tuple[float, float]], gate: float, agg: str) -> pd.DataFrame:
+    """Macro / per-stratum AUC and the share of photos blended, for every (whole-image, full-frame)
+    weight pair at this gate (a bare float w stands for the pair (w, 0))."""
     rows = []
-    for w in weights:
-        rule = HybridRule(w, gate)
+    for pair in pairs:
+        w, f = (float(pair), 0.0) if np.isscalar(pair) else (float(pair[0]), float(pair[1]))
+        rule = HybridRule(w, gate, f)
         recs = []
         for ph in photos:
             s = aggregate(ph.lesion_p, agg) if len(ph.lesion_p) else 0.0
-            blended = w > 0 and len(ph.lesion_p) > 0 and ph.box_fraction >= gate
-            recs.append({"stratum": ph.stratum, "y": ph.y, "score": rule.blend(s, ph.whole_p) if blended else s,
+            blended = rule.active and len(ph.lesion_p) > 0 and ph.box_fraction >= gate
+            recs.append({"stratum": ph.stratum, "y": ph.y, "score": rule.blend(s, ph.whole_p, ph.frame_p) if blended else s,
                          "blended": blended})
         df = pd.DataFrame(recs)
         aucs = {str(k): float(roc_auc_score(g["y"], g["score"])) for k, g in df.groupby("stratum") if 0 < g["y"].sum() < len(g)}
-        rows.append({"whole_image_weight": w, "closeup_min_box_fraction": gate, "blended_share": float(df["blended"].mean()),
-                     **aucs, "macro": float(np.mean(list(aucs.values())))})
+        rows.append({"whole_image_weight": w, "full_frame_weight": f, "closeup_min_box_fraction": gate,
+                     "blended_share": float(df["blended"].mean()), **aucs, "macro": float(np.mean(list(aucs.values())))})
     return pd.DataFrame(rows)
 
 
-def choose_weight(table: pd.DataFrame, min_gain: float) -> float:
+def choose_weights(table: pd.DataFrame, min_gain: float) -> tuple[float, float]:
+    """The best (whole-image, full-frame) pair by macro AUC, or (0, 0) unless it gains >= ``min_gain``."""
     best = table.loc[table["macro"].idxmax()]
-    off = float(table.loc[table["whole_image_weight"] == 0.0, "macro"].iloc[0])
-    return float(best["whole_image_weight"]) if float(best["macro"]) - off >= min_gain else 0.0
+    off = table[(table["whole_image_weight"] == 0.0) & (table["full_frame_weight"] == 0.0)]
+    gain = float(best["macro"]) - float(off["macro"].iloc[0])
+    return (float(best["whole_image_weight"]), float(best["full_frame_weight"])) if gain >= min_gain else (0.0, 0.0)
+
+
+def choose_weight(table: pd.DataFrame, min_gain: float) -> float:
+    """The whole-image weight of :func:`choose_weights` (tables of whole-image weights alone)."""
+    return choose_weights(table, min_gain)[0]
 
 
 def _widefield_fractions(pipe, manifest: pd.DataFrame, study: HybridStudy, data_root: Path | None) -> list[dict[str, Any]]:
@@ -115,8 +133,21 @@ def _widefield_fractions(pipe, manifest: pd.DataFrame, study: HybridStudy, data_
     return out
 
 
+def _frame_views(pipe, dets: list[dict[str, Any]], data_root: Path | None, cache: Path) -> list[float]:
+    """The lesion classifier's p on each validation photo's whole frame (cached per classifier + TTA)."""
+    if cache.exists():
+        return pickle.loads(cache.read_bytes())
+    out = []
+    for d in tqdm(dets, desc="lesion classifier on the whole frame"):
+        img = _load(pipe, pd.Series({"path": d["path"]}), d["squash"], data_root)
+        out.append(float(pipe.lesion_probabilities(img.rgb)[0][0]))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_bytes(pickle.dumps(out))
+    return out
+
+
 def _closeups(pipe, rows: pd.DataFrame, data_root: Path | None, cache: Path) -> list[CloseUp]:
-    """The box-rule study's cached detections + the whole-image p and image size per photo."""
+    """The box-rule study's cached detections + the two whole-frame views and image size per photo."""
     study = BoxRuleStudy()
     photos = collect(pipe, rows, study, data_root, RUNS_DIR / "box_rule")
     dets = pickle.loads(next((RUNS_DIR / "box_rule").glob(f"det_{pipe.metadata['models']['detector']['sha256'][:12]}_{len(rows)}.pkl")).read_bytes())
@@ -132,12 +163,14 @@ def _closeups(pipe, rows: pd.DataFrame, data_root: Path | None, cache: Path) -> 
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_bytes(pickle.dumps(extra))
     s = pipe.settings
+    clf_tag = f"{pipe.clf_meta['sha256'][:12]}_tta{int(s.flip_tta)}_ens{int(pipe.second_classifier is not None)}"
+    frames = _frame_views(pipe, dets, data_root, cache.parent / f"frame_{clf_tag}_{len(rows)}.pkl")
     out = []
-    for ph, e in zip(photos, extra):
+    for ph, e, fp in zip(photos, extra, frames):
         keep = select_boxes(ph.boxes, ph.scores, s.detector_score_threshold, s.max_lesions, s.nested_containment)
         p = ph.p_tta if s.flip_tta and ph.p_tta is not None else ph.p
         out.append(CloseUp(ph.stratum, ph.y, np.asarray(p)[keep], largest_box_fraction(ph.boxes[keep], e["width"], e["height"]),
-                           e["whole_p"]))
+                           e["whole_p"], fp))
     return out
 
 
@@ -159,14 +192,16 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
     sha = meta["models"]
     tag = f"{sha['detector']['sha256'][:12]}_{sha['image_classifier']['sha256'][:12]}_{len(rows)}"
     photos = _closeups(pipe, rows, data_root, RUNS_DIR / "hybrid" / f"whole_{tag}.pkl")
-    table = score_table(photos, study.weights, gate, study.aggregate)
-    weight = choose_weight(table, study.min_gain) if np.isfinite(gate) else 0.0
+    table = score_table(photos, weight_pairs(study.weights, study.min_lesion_weight), gate, study.aggregate)
+    weight, frame_weight = choose_weights(table, study.min_gain) if np.isfinite(gate) else (0.0, 0.0)
     record = {
         "whole_image_weight": weight,
+        "full_frame_weight": frame_weight,
         "closeup_min_box_fraction": gate if np.isfinite(gate) else None,
         "criterion": (f"gate: smallest candidate above the largest kept box / image area of every wide-field validation "
-                      f"photo; weight: macro ROC AUC over source x modality strata, {study.aggregate} aggregation, a "
-                      f"weight replaces 0 only with a gain >= {study.min_gain}"),
+                      f"photo; weights (whole-image classifier, lesion classifier on the whole frame; the lesion "
+                      f"aggregate keeps >= {study.min_lesion_weight}): macro ROC AUC over source x modality strata, "
+                      f"{study.aggregate} aggregation; a pair replaces (0, 0) only with a gain >= {study.min_gain}"),
         "chosen_on": (f"validation split: {len(rows)} labelled photos + the HAM10000 ones squashed to 224x224; "
                       f"wide-field: {sum(w['kind'] == 'real' for w in wide)} real mole photos + "
                       f"{sum(w['kind'] == 'synthetic' for w in wide)} synthetic scenes (seed {study.scene_seed})"),
@@ -181,6 +216,7 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
         "date": dt.date.today().isoformat(),
     }
     meta.setdefault("pipeline", {})["whole_image_weight"] = weight
+    meta["pipeline"]["full_frame_weight"] = frame_weight
     meta["pipeline"]["closeup_min_box_fraction"] = gate if np.isfinite(gate) else 1.0
     meta["pipeline"]["hybrid_choice"] = record
     write_metadata(models_dir, meta)
