@@ -451,7 +451,8 @@ def test_evaluate_with_shipped_models_matches_predict(tmp_path):
     info = model_info(MODELS_DIR)
     if not (info.ok("classifier") and info.ok("detector")):
         pytest.skip("shipped classifier + detector not in models/ yet")
-    items = _items(tmp_path)[:3]
+    every = _items(tmp_path)
+    items = every[:3] + every[4:5]  # three photos with a GT box (own full-frame stage), one without (GT-crop stage)
     manifest = pd.DataFrame({"path": [it.path for it in items], "boxes": [it.gt_boxes for it in items]})
     settings = EvalSettings(models_dir=MODELS_DIR, out_dir=tmp_path / "reports", cache_dir=None, n_boot=20,
                             n_boot_paired=20, n_boot_map=0, progress=False, pad_ita_all=False, embedding=False, workers=1)
@@ -460,8 +461,13 @@ def test_evaluate_with_shipped_models_matches_predict(tmp_path):
     pipe = TriagePipeline.from_dir(MODELS_DIR)
     for it in items:
         for agg in T.AGGREGATIONS:
-            expected = pipe.predict(it.abs_path, agg).image_score
-            assert img.loc[it.image_id, f"score_two_stage_{agg}"] == pytest.approx(expected, abs=1e-5), (it.image_id, agg)
+            res_agg = pipe.predict(it.abs_path, agg)
+            assert img.loc[it.image_id, f"score_two_stage_{agg}"] == pytest.approx(res_agg.lesion_score, abs=1e-5), (it.image_id, agg)
+            if info.ok("image_classifier"):  # the product's score, close-up blend included
+                assert img.loc[it.image_id, f"score_hybrid_{agg}"] == pytest.approx(res_agg.image_score, abs=1e-5), (it.image_id, agg)
+                assert bool(img.loc[it.image_id, "hybrid_blended"]) == res_agg.blended
+        if res_agg.full_frame_score is not None:
+            assert img.loc[it.image_id, "score_direct_frame"] == pytest.approx(res_agg.full_frame_score, abs=1e-5)
         if info.ok("image_classifier"):
             whole = pipe.predict(it.abs_path, whole_image=True).image_score
             assert img.loc[it.image_id, "score_direct_whole"] == pytest.approx(whole, abs=1e-5)
