@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from lesiontriage.hybrid import HybridRule
 from lesiontriage.paths import MODELS_DIR, data_root
 from lesiontriage.results import SUBTYPES, TriageResult
 
@@ -51,14 +52,10 @@ def aggregation_sentence(aggregate: str, n_lesions: int, score: float, lesion_sc
         return f"Score by {AGGREGATIONS.get(aggregate, aggregate)}: no lesion found, so the score is {score:.2f} by definition."
     plural = "s" if n_lesions != 1 else ""
     text = f"Score by {AGGREGATIONS.get(aggregate, aggregate)}: the {how} of {n_lesions} lesion probabilit{'ies' if plural else 'y'}."
-    views = []
-    if whole_image_score is not None and whole_image_weight > 0:
-        views.append(f"{whole_image_weight:.2g} x whole-image classifier {whole_image_score:.2f}")
-    if full_frame_score is not None and full_frame_weight > 0:
-        views.append(f"{full_frame_weight:.2g} x lesion classifier on the whole photo {full_frame_score:.2f}")
+    rule = HybridRule(whole_image_weight, full_frame_weight=full_frame_weight)
+    views = rule.view_terms(whole_image_score, full_frame_score)
     if views and lesion_score is not None:
-        lw = 1.0 - whole_image_weight - full_frame_weight
-        text += (f" Close-up photo, so blended: {lw:.2g} x {lesion_score:.2f} + " + " + ".join(views)
+        text += (f" Close-up photo, so blended: {rule.lesion_weight:.2g} x {lesion_score:.2f} + " + " + ".join(views)
                  + f" = {score:.2f} (the blend was chosen on validation photos).")
     return text
 

@@ -77,9 +77,16 @@ class HybridRule:
     def describe(self, aggregate_label: str, lesion_score: float, whole_image_score: float | None,
                  full_frame_score: float | None) -> str:
         """'close-up score (0.5 x lesion mean 0.20 + 0.25 x whole-image classifier 0.60 + ...)'."""
-        parts = [f"{self.lesion_weight:.2g} x lesion {aggregate_label} {lesion_score:.2f}"]
-        if self.whole_image_weight > 0 and whole_image_score is not None:
-            parts.append(f"{self.whole_image_weight:.2g} x whole-image classifier {whole_image_score:.2f}")
-        if self.full_frame_weight > 0 and full_frame_score is not None:
-            parts.append(f"{self.full_frame_weight:.2g} x lesion classifier on the whole photo {full_frame_score:.2f}")
+        parts = [f"{self.lesion_weight:.2g} x lesion {aggregate_label} {lesion_score:.2f}",
+                 *self.view_terms(whole_image_score, full_frame_score)]
         return "close-up score (" + " + ".join(parts) + ")"
+
+    def view_terms(self, whole_image_score: float | None, full_frame_score: float | None) -> list[str]:
+        """'0.2 x whole-image classifier 0.08', '0.6 x lesion classifier on the whole photo 0.11' for the
+        views that entered the score: the one wording of the tier reason and the app's caption."""
+        terms = []
+        if self.whole_image_weight > 0 and whole_image_score is not None:
+            terms.append(f"{self.whole_image_weight:.2g} x whole-image classifier {whole_image_score:.2f}")
+        if self.full_frame_weight > 0 and full_frame_score is not None:
+            terms.append(f"{self.full_frame_weight:.2g} x lesion classifier on the whole photo {full_frame_score:.2f}")
+        return terms
