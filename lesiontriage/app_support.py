@@ -55,7 +55,8 @@ def aggregation_sentence(aggregate: str, n_lesions: int, score: float, lesion_sc
     rule = HybridRule(whole_image_weight, full_frame_weight=full_frame_weight)
     views = rule.view_terms(whole_image_score, full_frame_score)
     if views and lesion_score is not None:
-        text += (f" Close-up photo, so blended: {rule.lesion_weight:.2g} x {lesion_score:.2f} + " + " + ".join(views)
+        text += (f" The largest lesion fills enough of the photo to blend in whole-photo views: "
+                 f"{rule.lesion_weight:.2g} x {lesion_score:.2f} + " + " + ".join(views)
                  + f" = {score:.2f} (the blend was chosen on validation photos).")
     return text
 

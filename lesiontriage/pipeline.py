@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lesiontriage.aggregation import aggregate as aggregate_probs
-from lesiontriage.box_selection import BoxSelection
+from lesiontriage.box_selection import MAX_LESIONS, BoxSelection
 from lesiontriage.errors import ImageError, ModelError
 from lesiontriage.hybrid import HybridRule
 from lesiontriage.imaging import LoadedImage, assess_quality, crop_with_margin, load_image
@@ -41,16 +41,25 @@ class PipelineSettings:
 
     decode_max_side: int = 2048  # crops come from this decode; the detector resizes further
     detector_score_threshold: float = 0.5
-    max_lesions: int = 30
+    max_lesions: int = MAX_LESIONS  # box_selection: the detector's own cap; every lesion of a back photo
     nested_containment: float = 0.0  # box_selection: drop parts of a lesion boxed inside it (0 = off)
     default_aggregate: str = "mean"
     flip_tta: bool = False  # lesion classifier: average logits over identity + h-flip + v-flip (chosen on validation)
+    # Flip TTA triples the classifier's cost (~30 ms per crop view on the 2-core CPU): a back photo with 77
+    # kept boxes took 7.1 s to classify with it. Above this many crops a photo is classified once per crop
+    # (~2.4 s for 77); 24 covers 99% of the close-up test photos, where the validation study chose TTA.
+    flip_tta_max_crops: int = 24
     torch_threads: int = 2
     ensemble: bool = False  # average the malignancy of classifier + classifier_2 (when installed)
     whole_image_weight: float = 0.0  # close-ups: weight of the whole-image classifier in the image score (hybrid.py)
     full_frame_weight: float = 0.0  # close-ups: weight of the lesion classifier run on the whole photo (hybrid.py)
     closeup_min_box_fraction: float = 0.15  # largest kept box / image area that makes a photo a close-up
+    closeup_ramp_from: float | None = None  # soft gate (hybrid.py): views' weights ramp up from this fraction
     fast_cpu: bool = True  # run the networks through frozen oneDNN copies (networks/fast.py), checked vs eager at load
+
+    def tta_for(self, n_crops: int) -> bool:
+        """Whether a batch of ``n_crops`` lesion crops gets flip TTA (the same rule in predict and evaluate)."""
+        return bool(self.flip_tta) and n_crops <= self.flip_tta_max_crops
 
 
 def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
@@ -160,7 +169,7 @@ class TriagePipeline:
         """The close-up blend (from metadata.json; the whole-image view is off without a whole-image classifier)."""
         s = self.settings
         weight = s.whole_image_weight if self.image_classifier is not None else 0.0
-        return HybridRule(weight, s.closeup_min_box_fraction, s.full_frame_weight)
+        return HybridRule(weight, s.closeup_min_box_fraction, s.full_frame_weight, s.closeup_ramp_from)
 
     @staticmethod
     def result_rule(result: TriageResult) -> HybridRule:
@@ -197,7 +206,7 @@ class TriagePipeline:
         for model, meta in members:
             batch = (self._normalise([_to_tensor(rgb)], model.config) if boxes is None
                      else self._crop_batch(rgb, boxes, model.config))
-            outs.append(self.classify(batch, model, meta, tta=self.settings.flip_tta))
+            outs.append(self.classify(batch, model, meta, tta=self.settings.tta_for(len(batch))))
         return np.mean([o[0] for o in outs], axis=0), np.mean([o[1] for o in outs], axis=0)
 
     def _crop_batch(self, rgb: np.ndarray, boxes: np.ndarray, cfg: ClassifierConfig) -> torch.Tensor:
@@ -327,9 +336,11 @@ class TriagePipeline:
             for i, (b, s, p, qs) in enumerate(zip(boxes, det_scores, probs, subs))
         ]
         lesion_score = float(aggregate_probs([l.p_malignant for l in lesions], aggregate))
-        score, whole_p, frame_p, rule = lesion_score, None, None, self.hybrid_rule
+        score, whole_p, frame_p = lesion_score, None, None
         h, w = img.rgb.shape[:2]
-        blended = rule.applies(boxes, w, h)
+        photo_rule = self.hybrid_rule.for_photo(boxes, w, h)  # this photo's weights (scaled by a soft gate)
+        blended = photo_rule is not None
+        rule = photo_rule or self.hybrid_rule
         if blended and rule.whole_image_weight > 0:
             t = time.perf_counter()
             batch = self._normalise([_to_tensor(img.rgb)], self.image_classifier.config)

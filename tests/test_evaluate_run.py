@@ -160,6 +160,13 @@ def test_detection_metrics_toy_cases():
     # the pipeline keeps at most max_kept boxes per image
     capped = T.detection_metrics(gt, [g.copy() for g in gt], [np.array([0.9, 0.8]), np.array([0.7])], 0.5, max_kept=1)
     assert capped["recall_iou0"]["n_found"] == 2 and capped["detections_per_image_kept"]["mean"] == 1.0
+    # in-spec recall: on a 1000 px image the 10 px boxes are 1% of the side (below the 1.5% floor), on a
+    # 100 px image 10%; the missed box of image 2 is in spec, so in-spec recall is 0 of 1
+    spec = T.detection_metrics(gt, [g.copy() for g in gt], [np.array([0.9, 0.8]), np.array([0.2])], 0.5,
+                               image_sides=[1000.0, 100.0])
+    assert spec["recall_iou0_in_spec"]["n"] == 1 and spec["recall_iou0_in_spec"]["n_found"] == 0
+    assert spec["recall_iou0_in_spec"]["n_below_spec"] == 2 and "recall_iou0_in_spec" not in low
+    assert [len(g) for g in T.in_spec_gt(gt, [500.0, 500.0])] == [2, 1]  # 10 px of 500 = 2%: all in spec
 
 
 def test_error_rows_list_worst_false_negatives_and_positives():

@@ -115,3 +115,49 @@ def test_study_picks_the_informative_view():
     table = score_table(photos, weight_pairs((0.0, 0.3, 0.6), 0.2), 0.15, "mean")
     whole, frame = choose_weights(table, 0.005)
     assert frame >= 0.3 and whole == 0.0
+
+
+def test_soft_gate_scales_the_views_linearly_below_the_gate():
+    rule = HybridRule(0.2, 0.15, 0.6, ramp_from=0.05)
+    assert rule.view_scale(0.15) == 1.0 and rule.view_scale(0.5) == 1.0
+    assert rule.view_scale(0.10) == pytest.approx(0.5)  # half-way between 0.05 and 0.15
+    assert rule.view_scale(0.05) == 0.0 and rule.view_scale(0.01) == 0.0
+    assert HybridRule(0.2, 0.15, 0.6).view_scale(0.14) == 0.0  # hard gate
+    box = np.array([[0, 0, 10, 10]], float)  # 100 px of a 1000 px image: fraction 0.10
+    photo = rule.for_photo(box, 100, 10)
+    assert photo is not None and photo.whole_image_weight == pytest.approx(0.1) and photo.full_frame_weight == pytest.approx(0.3)
+    assert photo.blend(0.2, 0.4, 0.8) == pytest.approx(0.6 * 0.2 + 0.1 * 0.4 + 0.3 * 0.8)
+    assert rule.for_photo(box, 400, 10) is None  # fraction 0.025: a wide-field mole, no blend
+    assert rule.for_photo(np.zeros((0, 4)), 100, 10) is None
+    assert HybridRule(0.0, 0.15, 0.0, ramp_from=0.05).for_photo(box, 100, 10) is None  # blend off
+    with pytest.raises(ValueError, match="ramp_from"):
+        HybridRule(0.2, 0.15, 0.6, ramp_from=0.2)
+
+
+def test_study_takes_a_soft_gate_only_when_it_helps_and_spares_the_scenes():
+    from lesiontriage.train.hybrid import HybridStudy, choose_ramp, photo_score, scene_auc
+
+    rng = np.random.default_rng(2)
+    photos = []
+    for i in range(300):  # half the photos are clinical close-ups with a small box (fraction 0.1)
+        y = int(i % 2)
+        lesion = np.clip(0.35 + 0.05 * y + rng.normal(0, 0.25, 2), 0, 1)
+        frame = float(np.clip(0.3 + 0.4 * y + rng.normal(0, 0.1), 0, 1))
+        photos.append(CloseUp("a" if i < 150 else "b", y, lesion, 0.1 if i >= 150 else 0.5, 0.5, frame))
+    pairs = weight_pairs((0.0, 0.4, 0.8), 0.2)
+    hard = score_table(photos, pairs, 0.15, "mean")
+    soft = {0.02: score_table(photos, pairs, 0.15, "mean", 0.02)}
+    assert soft[0.02]["blended_share"].max() == 1.0 and hard["blended_share"].max() == 0.5
+    study = HybridStudy()
+    hard_macro = float(hard["macro"].max())
+    assert float(soft[0.02]["macro"].max()) > hard_macro + study.min_gain
+    assert choose_ramp(soft, hard_macro, {0.02: 0.70}, 0.70, study) == 0.02
+    assert choose_ramp(soft, hard_macro, {0.02: 0.60}, 0.70, study) is None  # costs the scenes too much
+    assert choose_ramp(soft, float(soft[0.02]["macro"].max()), {0.02: 0.7}, 0.7, study) is None  # no gain
+    # photo_score is the pipeline's arithmetic: at fraction 0.10 with the ramp from 0.02 the views get 8/13 of their weight
+    ph = CloseUp("a", 1, np.array([0.2]), 0.10, 0.4, 0.8)
+    k = (0.10 - 0.02) / 0.13
+    score, blended = photo_score(HybridRule(0.2, 0.15, 0.6, 0.02), ph, "mean")
+    assert blended and score == pytest.approx((1 - 0.8 * k) * 0.2 + k * (0.2 * 0.4 + 0.6 * 0.8))
+    scenes = [CloseUp("s", y, np.array([p]), 0.005, 0.5, 0.5) for y, p in ((0, 0.1), (1, 0.3), (0, 0.2), (1, 0.6))]
+    assert scene_auc(HybridRule(0.2, 0.15, 0.6, 0.02), scenes, "mean") == pytest.approx(1.0)

@@ -291,7 +291,8 @@ def test_close_up_score_blends_the_whole_image_classifier_and_wide_field_does_no
                 return [{"boxes": boxes, "scores": torch.tensor([0.9])}]
         return FixedDetector()
 
-    settings = dataclasses.replace(pipe.settings, whole_image_weight=0.5, closeup_min_box_fraction=0.15, full_frame_weight=0.0)
+    settings = dataclasses.replace(pipe.settings, whole_image_weight=0.5, closeup_min_box_fraction=0.15, full_frame_weight=0.0,
+                                   closeup_ramp_from=None)  # hard gate (the soft one: test_soft_gate_and_many_lesion_photos)
     variant = lambda side: TriagePipeline(detector_with(side), pipe.det_cfg, pipe.classifier, pipe.clf_meta, pipe.metadata,
                                           pipe.image_classifier, pipe.image_clf_meta, settings=settings)
     whole = pipe.predict(photos[1], whole_image=True).image_score
@@ -330,7 +331,8 @@ def test_close_up_score_blends_the_full_frame_view_of_the_lesion_classifier(pipe
             return [{"boxes": torch.tensor([[0.1 * w, 0.1 * h, (0.1 + self.side) * w, (0.1 + self.side) * h]]),
                      "scores": torch.tensor([0.9])}]
 
-    settings = dataclasses.replace(pipe.settings, whole_image_weight=0.2, full_frame_weight=0.5, closeup_min_box_fraction=0.15)
+    settings = dataclasses.replace(pipe.settings, whole_image_weight=0.2, full_frame_weight=0.5, closeup_min_box_fraction=0.15,
+                                   closeup_ramp_from=None)
     variant = lambda side: TriagePipeline(FixedDetector(side), pipe.det_cfg, pipe.classifier, pipe.clf_meta, pipe.metadata,
                                           pipe.image_classifier, pipe.image_clf_meta, settings=settings)
     close_pipe = variant(0.6)
@@ -351,3 +353,55 @@ def test_close_up_score_blends_the_full_frame_view_of_the_lesion_classifier(pipe
     assert f"0.5 x lesion classifier on the whole photo {frame:.2f}" in caption and f"= {close.image_score:.2f}" in caption
     far = variant(0.2).predict(photos[1])
     assert far.full_frame_score is None and far.full_frame_weight == 0.0 and far.image_score == pytest.approx(far.lesion_score)
+
+
+def test_soft_gate_and_many_lesion_photos(pipe, photos):
+    """A box under the gate still gets part of the close-up blend with a soft gate (weights scaled by
+    the ramp), and a photo with more than 30 lesions keeps every one (the old cap dropped moles),
+    classified without flip TTA above ``flip_tta_max_crops``."""
+    import dataclasses
+
+    import torch
+
+    from lesiontriage.pipeline import TriagePipeline
+
+    class GridDetector(torch.nn.Module):
+        def __init__(self, n: int, side: float) -> None:
+            super().__init__()
+            self.n, self.side = n, side
+
+        def forward(self, images):
+            h, w = images[0].shape[-2:]
+            k = int(np.ceil(np.sqrt(self.n)))
+            cell = 1.0 / k
+            boxes = [[(i % k) * cell * w, (i // k) * cell * h, ((i % k) * cell + self.side) * w, ((i // k) * cell + self.side) * h]
+                     for i in range(self.n)]
+            return [{"boxes": torch.tensor(boxes, dtype=torch.float32), "scores": torch.linspace(0.95, 0.9, self.n)}]
+
+    def variant(n: int, side: float, **kw) -> TriagePipeline:
+        s = dataclasses.replace(pipe.settings, flip_tta=True, **kw)
+        return TriagePipeline(GridDetector(n, side), pipe.det_cfg, pipe.classifier, pipe.clf_meta, pipe.metadata,
+                              pipe.image_classifier, pipe.image_clf_meta, settings=s)
+
+    # one box covering 0.3 x 0.3 = 9% of the frame: under the 15% gate, 7/13 of the way up a ramp from 2%
+    soft = variant(1, 0.3, whole_image_weight=0.2, full_frame_weight=0.6, closeup_min_box_fraction=0.15,
+                   closeup_ramp_from=0.02).predict(photos[1])
+    k = (0.09 - 0.02) / 0.13
+    assert soft.whole_image_weight == pytest.approx(0.2 * k, abs=1e-3) and soft.full_frame_weight == pytest.approx(0.6 * k, abs=1e-3)
+    assert soft.image_score == pytest.approx((1 - 0.8 * k) * soft.lesion_score + 0.2 * k * soft.whole_image_score
+                                             + 0.6 * k * soft.full_frame_score, abs=1e-3)
+    hard = variant(1, 0.3, whole_image_weight=0.2, full_frame_weight=0.6, closeup_min_box_fraction=0.15,
+                   closeup_ramp_from=None).predict(photos[1])
+    assert not hard.blended and hard.image_score == pytest.approx(hard.lesion_score)
+
+    many = variant(40, 0.05, flip_tta_max_crops=24)
+    res = many.predict(photos[0])
+    assert res.n_lesions == 40  # more than the old cap of 30
+    img = many.load(photos[0])
+    boxes, _ = many.detect(img.rgb)
+    plain = many.classify(many._crop_batch(img.rgb, boxes, many.classifier.config), tta=False)[0]
+    assert [l.p_malignant for l in res.lesions] == pytest.approx(plain.tolist(), abs=1e-5)  # no flips above 24 crops
+    few = variant(4, 0.05, flip_tta_max_crops=24)
+    img_boxes, _ = few.detect(img.rgb)
+    batch = few._crop_batch(img.rgb, img_boxes, few.classifier.config)
+    assert few.lesion_probabilities(img.rgb, img_boxes)[0] == pytest.approx(few.classify(batch, tta=True)[0], abs=1e-5)

@@ -44,6 +44,7 @@ summary.json        headline numbers, each ``{value, ci_low, ci_high, n, split}`
                     ``lesion_auc_smartphone_biopsied``, ``detection_map50``, ``detection_map50_95``,
                     ``detection_recall_iou0`` (held-out dermoscopy boxes = HAM10000 val),
                     ``widefield_recall`` (real mole photos), ``widefield_recall_synthetic`` (scenes),
+                    ``widefield_recall_in_spec`` (real mole photos, boxes >= 1.5% of the image side),
                     ``ece`` (all real test GT crops, after temperature), ``specificity_at_95_sensitivity``
                     (ISIC test, two-stage), ``image_auc.<strategy>.<aggregation>`` for
                     ``direct.whole``, ``direct.frame`` (the lesion classifier on the whole photo),

@@ -5,7 +5,7 @@ Flow (one job per step):
 1. ``select_items``: the evaluation images from the manifest (and the synthetic test scenes), one
    :class:`EvalItem` per image with its split name, labels and ground-truth boxes.
 2. ``run_inference``: per image, the expensive stages, each cached on disk under
-   ``runs/eval_cache/`` keyed by the model's sha256 + the image path (+ size / mtime), so a re-run
+   ``runs/eval_cache/`` keyed by the model's sha256 + the image path (+ size / content digest), so a re-run
    only computes what changed:
      ``det``     raw detector output (every box >= the detector's own score floor, original pixels)
      ``cls_det`` classifier on the crops of the detections the pipeline keeps
@@ -49,6 +49,7 @@ import numpy as np
 import pandas as pd
 
 from lesiontriage import paths
+from lesiontriage.box_selection import MAX_LESIONS
 from lesiontriage.evaluate import tables as T
 from lesiontriage.hybrid import HybridRule
 from lesiontriage.results import INTENDED_USE, SUBTYPES
@@ -458,7 +459,7 @@ class Engine:
 
     @property
     def max_lesions(self) -> int:
-        return int(self.pipe.settings.max_lesions) if self.pipe else 30
+        return int(self.pipe.settings.max_lesions) if self.pipe else MAX_LESIONS
 
     @property
     def nested_containment(self) -> float:
@@ -534,7 +535,8 @@ class Engine:
                 keep = kept_index(det["scores"], self.kept_threshold, self.max_lesions, det["boxes"], self.nested_containment)
                 kb = det["boxes"][keep] * scale
                 cfg = self.pipe.classifier.config
-                logit, sub, _ = self.run_heads(self.classifier, self.pipe._crop_batch(rgb, kb, cfg), self.flip_tta) if len(kb) \
+                tta = self.pipe.settings.tta_for(len(kb))  # the pipeline's rule: no flips on a many-lesion photo
+                logit, sub, _ = self.run_heads(self.classifier, self.pipe._crop_batch(rgb, kb, cfg), tta) if len(kb) \
                     else self.run_heads(self.classifier, [])
                 out["cls_det"] = {"index": keep.astype(np.int32), "logit": logit, "sub": sub}
         if "cls_gt" in stages:
@@ -544,7 +546,7 @@ class Engine:
                     batch = self.pipe._normalise([_to_tensor(rgb)], cfg)
                 else:
                     batch = self.pipe._crop_batch(rgb, np.asarray(crop_boxes, dtype=np.float32) * scale, cfg)
-                logit, sub, feat = self.run_heads(self.classifier, batch, self.flip_tta)
+                logit, sub, feat = self.run_heads(self.classifier, batch, self.pipe.settings.tta_for(len(batch)))
                 out["cls_gt"] = {"logit": logit, "sub": sub, "feat": feat.astype(np.float16)}
         if "frame" in stages:  # the close-up blend's full-frame view: the lesion classifier on the whole photo
             with clock("classify_frame"):
@@ -594,9 +596,10 @@ class StageClock:
 class PredictionCache:
     """Per-stage, per-model pickle shards in ``runs/eval_cache/`` (git-ignored).
 
-    A key is sha256(stage | model tag | image path | file size | mtime), so a changed model file
-    (new sha256) or a changed image never reuses a stale prediction. ``directory=None`` disables
-    the cache (memory only)."""
+    A key is sha256(stage | model tag | image path | file size | content digest), so a changed model
+    file (new sha256) or a changed image never reuses a stale prediction. The digest is of the bytes,
+    not the mtime: the read-only data mount gets a new mtime on every remount, which silently threw
+    the whole cache away (a 25-minute re-run). ``directory=None`` disables the cache (memory only)."""
 
     def __init__(self, directory: Path | None) -> None:
         self.directory = Path(directory) if directory else None
@@ -607,8 +610,9 @@ class PredictionCache:
     @staticmethod
     def stamp(path: str) -> str:
         try:
-            st = os.stat(path)
-            return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+            with open(path, "rb") as fh:
+                digest = hashlib.file_digest(fh, "blake2b").hexdigest()[:24]
+            return f"{path}|{os.path.getsize(path)}|{digest}"
         except OSError:
             return f"{path}|missing"
 
@@ -678,6 +682,8 @@ def stage_tags(info: ModelInfo, engine_settings: dict[str, Any], item: EvalItem)
     if det_ok and (item.detect_eval or need_two_stage):
         tags["det"] = (info.sha256["detector"], "")
     tta = f"|tta={TTA_VERSION}" if engine_settings.get("tta", False) else ""  # flip-averaged values changed with v2
+    if engine_settings.get("tta", False) and engine_settings.get("tta_max") is not None:
+        tta += f"|tta_max={engine_settings['tta_max']}"  # no flips above this many crops (PipelineSettings.tta_for)
     if cls_ok and det_ok and need_two_stage:
         tags["cls_det"] = (f"{info.sha256['classifier']}|{info.sha256['detector']}|{engine_settings['thr']}|{engine_settings['max']}"
                            f"|{engine_settings.get('nest', 0.0)}|{engine_settings.get('tta', False)}{tta}", "")
@@ -734,7 +740,8 @@ def run_inference(items: Sequence[EvalItem], info: ModelInfo, settings: EvalSett
 
     cache = PredictionCache(settings.cache_dir)
     ps = pipeline_settings(info)
-    eng_settings = {"thr": ps.detector_score_threshold, "max": ps.max_lesions, "nest": ps.nested_containment, "tta": ps.flip_tta}
+    eng_settings = {"thr": ps.detector_score_threshold, "max": ps.max_lesions, "nest": ps.nested_containment, "tta": ps.flip_tta,
+           "tta_max": ps.flip_tta_max_crops}
     records: list[ImageRecord] = []
     todo: list[tuple[ImageRecord, list[str], dict[str, tuple[str, str]]]] = []
     for item in items:
@@ -932,11 +939,11 @@ def _image_row(rec: ImageRecord, kept: _Kept | None, t_img: float, kept_threshol
     if hybrid is not None and kept is not None and "cls_det" in st and views_ready and rec.size:
         w, h = rec.size
         scale = min(1.0, EVAL_DECODE_MAX_SIDE / max(w, h))  # kept boxes are in the decoded image's pixels
-        blended = bool(len(kept.p)) and hybrid.applies(kept.boxes, w * scale, h * scale)
-        row["hybrid_blended"] = blended
+        photo_rule = hybrid.for_photo(kept.boxes, w * scale, h * scale) if len(kept.p) else None  # soft gate scales it
+        row["hybrid_blended"] = photo_rule is not None
         for agg in T.AGGREGATIONS:
             two = row[T.IMAGE_SCORE_COLUMNS[f"two_stage.{agg}"]]
-            row[T.IMAGE_SCORE_COLUMNS[f"hybrid.{agg}"]] = hybrid.blend(two, direct, frame_p) if blended else two
+            row[T.IMAGE_SCORE_COLUMNS[f"hybrid.{agg}"]] = photo_rule.blend(two, direct, frame_p) if photo_rule else two
     return row
 
 
@@ -1027,7 +1034,7 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def build_tables(records: Sequence[ImageRecord], info: ModelInfo, default_aggregate: str = "mean",
-                 kept_threshold: float = 0.5, max_lesions: int = 30, nested_containment: float = 0.0,
+                 kept_threshold: float = 0.5, max_lesions: int = MAX_LESIONS, nested_containment: float = 0.0,
                  hybrid: HybridRule | None = None) -> Tables:
     """Per-image, per-lesion and per-(kept-)detection tables from the inference records; every
     aggregation is computed here from the cached per-lesion probabilities."""
@@ -1120,13 +1127,18 @@ def detection_sets(records: Sequence[ImageRecord]) -> tuple[dict[str, T.Detectio
                 continue
             d = target.setdefault(it.split, T.DetectionSet([], [], [], [] if stage == "c2" else None, [],
                                                            SPLITS[it.split].description if it.split in SPLITS else "",
-                                                           it.synthetic))
+                                                           it.synthetic, []))
             d.gt.append(gt)
             d.boxes.append(np.asarray(out["boxes"], float).reshape(-1, 4))
             d.scores.append(np.asarray(out["scores"], float).reshape(-1))
             if stage == "c2":
                 d.labels.append(np.asarray(out["labels"]).reshape(-1))
             d.gt_malignant.append(list(it.box_malignant))
+            if d.image_sides is not None:  # None once any image lacks its size (the in-spec recall is skipped)
+                if r.size:
+                    d.image_sides.append(float(max(r.size)))
+                else:
+                    d.image_sides = None
     return one, c2
 
 
@@ -1275,7 +1287,8 @@ def full_run_items(manifest: pd.DataFrame, settings: EvalSettings) -> list[EvalI
 def stage_counts(items: Sequence[EvalItem], info: ModelInfo) -> dict[str, dict[str, int]]:
     """{split: {clock stage: images that run it}} for these items and the installed models."""
     ps = pipeline_settings(info)
-    eng = {"thr": ps.detector_score_threshold, "max": ps.max_lesions, "nest": ps.nested_containment, "tta": ps.flip_tta}
+    eng = {"thr": ps.detector_score_threshold, "max": ps.max_lesions, "nest": ps.nested_containment, "tta": ps.flip_tta,
+           "tta_max": ps.flip_tta_max_crops}
     out: dict[str, dict[str, int]] = {}
     for it in items:
         c = out.setdefault(it.split, {"decode": 0})
@@ -1456,7 +1469,8 @@ def evaluate(settings: EvalSettings, manifest: pd.DataFrame | None = None,
     ps = pipeline_settings(info)
     agg, kept_thr, max_les = str(ps.default_aggregate), float(ps.detector_score_threshold), int(ps.max_lesions)
     nest = float(ps.nested_containment)
-    hybrid = HybridRule(float(ps.whole_image_weight), float(ps.closeup_min_box_fraction), float(ps.full_frame_weight))
+    hybrid = HybridRule(float(ps.whole_image_weight), float(ps.closeup_min_box_fraction), float(ps.full_frame_weight),
+                        None if ps.closeup_ramp_from is None else float(ps.closeup_ramp_from))
     tables = build_tables(main_records, info, agg, kept_thr, max_les, nest, hybrid)
     ita_extra = build_tables(extra_records, info, agg, kept_thr, max_les, nest, hybrid).images
     seconds["tables"] = time.perf_counter() - t

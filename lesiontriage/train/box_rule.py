@@ -29,9 +29,10 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from lesiontriage.aggregation import AGGREGATORS, aggregate
-from lesiontriage.box_selection import select_boxes
+from lesiontriage.box_selection import MAX_LESIONS, select_boxes
 from lesiontriage.data.manifest import load_manifest, manifest_hash, resolve_path
 from lesiontriage.paths import MODELS_DIR, RUNS_DIR
+from lesiontriage.pipeline import PipelineSettings
 from lesiontriage.train.tiers import TierTargets, validation_images
 from lesiontriage.weights import read_metadata, write_metadata
 
@@ -46,7 +47,7 @@ class BoxRuleStudy:
 
     containments: tuple[float, ...] = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
     score_threshold: float = 0.5  # the shipped detector_score_threshold (not re-chosen here)
-    max_lesions: int = 30
+    max_lesions: int = MAX_LESIONS
     aggregate: str = "mean"  # decide under the default aggregation
     min_gain: float = 0.005
     tta_min_gain: float = 0.002  # flip TTA costs ~2 classifier passes of latency, measured by `bench`
@@ -119,7 +120,7 @@ def score_rule(photos: list[PhotoDetections], containment: float, agg: str, scor
     recs = []
     for ph in photos:
         keep = select_boxes(ph.boxes, ph.scores, score_threshold, max_lesions, containment)
-        p = ph.p_tta if tta else ph.p
+        p = ph.p_tta if tta and len(keep) <= PipelineSettings.flip_tta_max_crops else ph.p  # the pipeline's rule
         recs.append({"stratum": ph.stratum, "y": ph.y, "score": aggregate(p[keep], agg), "n": len(keep)})
     return pd.DataFrame(recs)
 

@@ -12,9 +12,13 @@
    every candidate pair (whole-image weight, full-frame weight) with that gate: image score per
    photo, ROC AUC per source x modality stratum, macro mean under the default aggregation. A pair
    replaces (0, 0) (the pure two-stage score) only with a gain >= ``min_gain``.
+3. **Soft gate.** The same grid again for each candidate ``ramp_from`` (views' weights shrinking
+   linearly below the gate instead of dropping to 0). A ramp replaces the hard gate only with a
+   further gain >= ``min_gain`` *and* if the labelled synthetic validation scenes' image AUC (the
+   wide-field photos a ramp could touch) does not fall by more than ``scene_tolerance``.
 
 Writes ``pipeline.whole_image_weight``, ``pipeline.full_frame_weight``,
-``pipeline.closeup_min_box_fraction`` and the table under ``pipeline.hybrid_choice`` in
+``pipeline.closeup_min_box_fraction``, ``pipeline.closeup_ramp_from`` and the table under ``pipeline.hybrid_choice`` in
 ``models/metadata.json``. Run ``train tiers`` afterwards: the tiers
 are thresholds on the scores this rule produces.
 """
@@ -54,6 +58,9 @@ class HybridStudy:
     min_gain: float = 0.005
     val_scenes: int = 40  # synthetic validation scenes for the gate (seed 3)
     scene_seed: int = 3
+    # Soft-gate starts: below 2% of the frame a box is a mole on a wide-field photo (their median is 0.75%).
+    ramps: tuple[float, ...] = (0.02, 0.05)
+    scene_tolerance: float = 0.01  # the most a ramp may cost the validation scenes' image AUC
 
 
 @dataclass
@@ -80,24 +87,56 @@ def choose_gate(widefield_fractions: list[float], gates: tuple[float, ...]) -> f
     return above[0] if above else float("inf")
 
 
-def score_table(photos: list[CloseUp], pairs: list[tuple[float, float]], gate: float, agg: str) -> pd.DataFrame:
+def photo_score(rule: HybridRule, ph: CloseUp, agg: str) -> tuple[float, bool]:
+    """(image score, blended) of one photo under ``rule``: what ``TriagePipeline.predict`` computes."""
+    s = aggregate(ph.lesion_p, agg) if len(ph.lesion_p) else 0.0
+    k = rule.view_scale(ph.box_fraction) if rule.active and len(ph.lesion_p) else 0.0
+    if k <= 0:
+        return s, False
+    scaled = HybridRule(rule.whole_image_weight * k, rule.closeup_min_box_fraction, rule.full_frame_weight * k)
+    return scaled.blend(s, ph.whole_p, ph.frame_p), True
+
+
+def score_table(photos: list[CloseUp], pairs: list[tuple[float, float]], gate: float, agg: str,
+                ramp_from: float | None = None) -> pd.DataFrame:
     """Macro / per-stratum AUC and the share of photos blended, for every (whole-image, full-frame)
-    weight pair at this gate (a bare float w stands for the pair (w, 0))."""
+    weight pair at this gate (a bare float w stands for the pair (w, 0)); ``ramp_from``: soft gate."""
     rows = []
     for pair in pairs:
         w, f = (float(pair), 0.0) if np.isscalar(pair) else (float(pair[0]), float(pair[1]))
-        rule = HybridRule(w, gate, f)
+        rule = HybridRule(w, gate, f, ramp_from)
         recs = []
         for ph in photos:
-            s = aggregate(ph.lesion_p, agg) if len(ph.lesion_p) else 0.0
-            blended = rule.active and len(ph.lesion_p) > 0 and ph.box_fraction >= gate
-            recs.append({"stratum": ph.stratum, "y": ph.y, "score": rule.blend(s, ph.whole_p, ph.frame_p) if blended else s,
-                         "blended": blended})
+            score, blended = photo_score(rule, ph, agg)
+            recs.append({"stratum": ph.stratum, "y": ph.y, "score": score, "blended": blended})
         df = pd.DataFrame(recs)
         aucs = {str(k): float(roc_auc_score(g["y"], g["score"])) for k, g in df.groupby("stratum") if 0 < g["y"].sum() < len(g)}
         rows.append({"whole_image_weight": w, "full_frame_weight": f, "closeup_min_box_fraction": gate,
-                     "blended_share": float(df["blended"].mean()), **aucs, "macro": float(np.mean(list(aucs.values())))})
+                     "ramp_from": ramp_from, "blended_share": float(df["blended"].mean()), **aucs,
+                     "macro": float(np.mean(list(aucs.values())))})
     return pd.DataFrame(rows)
+
+
+def scene_auc(rule: HybridRule, scenes: list[CloseUp], agg: str) -> float | None:
+    """Image ROC AUC on the labelled synthetic validation scenes under ``rule`` (None without both classes)."""
+    y = [ph.y for ph in scenes]
+    if not 0 < sum(y) < len(y):
+        return None
+    return float(roc_auc_score(y, [photo_score(rule, ph, agg)[0] for ph in scenes]))
+
+
+def choose_ramp(tables: dict[float, pd.DataFrame], hard_macro: float, scene_aucs: dict[float, float | None],
+                hard_scene_auc: float | None, study: HybridStudy) -> float | None:
+    """The soft-gate start whose best pair beats the hard gate's choice by >= ``min_gain`` macro AUC and
+    keeps the validation scenes' AUC within ``scene_tolerance``; the best such, else None (hard gate)."""
+    ok = []
+    for ramp, table in tables.items():
+        macro = float(table["macro"].max())
+        scenes_fine = hard_scene_auc is None or scene_aucs.get(ramp) is None or \
+            scene_aucs[ramp] >= hard_scene_auc - study.scene_tolerance
+        if macro - hard_macro >= study.min_gain and scenes_fine:
+            ok.append((macro, ramp))
+    return max(ok)[1] if ok else None
 
 
 def choose_weights(table: pd.DataFrame, min_gain: float) -> tuple[float, float]:
@@ -130,6 +169,30 @@ def _widefield_fractions(pipe, manifest: pd.DataFrame, study: HybridStudy, data_
         boxes, _ = pipe.detect(img.rgb)
         h, w = img.rgb.shape[:2]
         out.append({"path": path, "kind": kind, "n_lesions": int(len(boxes)), "largest_box_fraction": largest_box_fraction(boxes, w, h)})
+    return out
+
+
+def _scene_views(pipe, study: HybridStudy, cache: Path) -> list[CloseUp]:
+    """The labelled synthetic validation scenes as the study sees a photo (kept lesions' p, largest-box
+    fraction, both whole-frame views), for the soft gate's wide-field check; cached per model set."""
+    if cache.exists():
+        return pickle.loads(cache.read_bytes())
+    scene_dir = RUNS_DIR / "scenes" / "val"
+    index = pd.read_parquet(scene_dir / "scenes.parquet")
+    index = index[index["seed"] == study.scene_seed]
+    out = []
+    for _, r in tqdm(list(index.iterrows()), desc="validation scenes (soft-gate check)"):
+        img = pipe.load(scene_dir / str(r["path"]))
+        boxes, _ = pipe.detect(img.rgb)
+        h, w = img.rgb.shape[:2]
+        batch = pipe._normalise([_to_tensor(img.rgb)], pipe.image_classifier.config)
+        out.append(CloseUp("synthetic_scenes", int(r["any_malignant"]),
+                           np.asarray(pipe.lesion_probabilities(img.rgb, boxes)[0] if len(boxes) else np.zeros(0), dtype=np.float64),
+                           largest_box_fraction(boxes, w, h),
+                           float(pipe.classify(batch, pipe.image_classifier, pipe.image_clf_meta)[0][0]),
+                           float(pipe.lesion_probabilities(img.rgb)[0][0])))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_bytes(pickle.dumps(out))
     return out
 
 
@@ -168,7 +231,7 @@ def _closeups(pipe, rows: pd.DataFrame, data_root: Path | None, cache: Path) -> 
     out = []
     for ph, e, fp in zip(photos, extra, frames):
         keep = select_boxes(ph.boxes, ph.scores, s.detector_score_threshold, s.max_lesions, s.nested_containment)
-        p = ph.p_tta if s.flip_tta and ph.p_tta is not None else ph.p
+        p = ph.p_tta if s.tta_for(len(keep)) and ph.p_tta is not None else ph.p
         out.append(CloseUp(ph.stratum, ph.y, np.asarray(p)[keep], largest_box_fraction(ph.boxes[keep], e["width"], e["height"]),
                            e["whole_p"], fp))
     return out
@@ -192,16 +255,40 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
     sha = meta["models"]
     tag = f"{sha['detector']['sha256'][:12]}_{sha['image_classifier']['sha256'][:12]}_{len(rows)}"
     photos = _closeups(pipe, rows, data_root, RUNS_DIR / "hybrid" / f"whole_{tag}.pkl")
-    table = score_table(photos, weight_pairs(study.weights, study.min_lesion_weight), gate, study.aggregate)
+    pairs = weight_pairs(study.weights, study.min_lesion_weight)
+    table = score_table(photos, pairs, gate, study.aggregate)
     weight, frame_weight = choose_weights(table, study.min_gain) if np.isfinite(gate) else (0.0, 0.0)
+    ramp, soft = None, {}
+    if np.isfinite(gate) and (weight or frame_weight):
+        hard_macro = float(table[(table["whole_image_weight"] == weight) & (table["full_frame_weight"] == frame_weight)]["macro"].iloc[0])
+        clf_tag = f"{sha['classifier']['sha256'][:12]}_tta{int(pipe.settings.flip_tta)}_{pipe.settings.flip_tta_max_crops}"
+        scenes = _scene_views(pipe, study, RUNS_DIR / "hybrid" / f"scenes_{tag}_{clf_tag}.pkl")
+        ramp_tables = {r: score_table(photos, pairs, gate, study.aggregate, r) for r in study.ramps}
+        best = {r: t.loc[t["macro"].idxmax()] for r, t in ramp_tables.items()}
+        scene_aucs = {r: scene_auc(HybridRule(float(b["whole_image_weight"]), gate, float(b["full_frame_weight"]), r), scenes,
+                                   study.aggregate) for r, b in best.items()}
+        hard_scene = scene_auc(HybridRule(weight, gate, frame_weight), scenes, study.aggregate)
+        ramp = choose_ramp(ramp_tables, hard_macro, scene_aucs, hard_scene, study)
+        if ramp is not None:
+            weight, frame_weight = float(best[ramp]["whole_image_weight"]), float(best[ramp]["full_frame_weight"])
+        soft = {"hard_gate_macro": round(hard_macro, 4), "hard_gate_scene_auc": hard_scene,
+                "n_scenes": len(scenes), "n_scenes_malignant": int(sum(s.y for s in scenes)),
+                "candidates": [{"ramp_from": r, "whole_image_weight": float(best[r]["whole_image_weight"]),
+                                "full_frame_weight": float(best[r]["full_frame_weight"]), "macro": round(float(best[r]["macro"]), 4),
+                                "blended_share": round(float(best[r]["blended_share"]), 4), "scene_auc": scene_aucs[r]}
+                               for r in study.ramps]}
     record = {
         "whole_image_weight": weight,
         "full_frame_weight": frame_weight,
         "closeup_min_box_fraction": gate if np.isfinite(gate) else None,
+        "closeup_ramp_from": ramp,
+        "soft_gate": soft,
         "criterion": (f"gate: smallest candidate above the largest kept box / image area of every wide-field validation "
                       f"photo; weights (whole-image classifier, lesion classifier on the whole frame; the lesion "
                       f"aggregate keeps >= {study.min_lesion_weight}): macro ROC AUC over source x modality strata, "
-                      f"{study.aggregate} aggregation; a pair replaces (0, 0) only with a gain >= {study.min_gain}"),
+                      f"{study.aggregate} aggregation; a pair replaces (0, 0) only with a gain >= {study.min_gain}; a soft "
+                      f"gate (ramp_from) replaces the hard one only with a further gain >= {study.min_gain} and validation "
+                      f"scenes' image AUC within {study.scene_tolerance} of the hard gate's"),
         "chosen_on": (f"validation split: {len(rows)} labelled photos + the HAM10000 ones squashed to 224x224; "
                       f"wide-field: {sum(w['kind'] == 'real' for w in wide)} real mole photos + "
                       f"{sum(w['kind'] == 'synthetic' for w in wide)} synthetic scenes (seed {study.scene_seed})"),
@@ -218,6 +305,7 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
     meta.setdefault("pipeline", {})["whole_image_weight"] = weight
     meta["pipeline"]["full_frame_weight"] = frame_weight
     meta["pipeline"]["closeup_min_box_fraction"] = gate if np.isfinite(gate) else 1.0
+    meta["pipeline"]["closeup_ramp_from"] = ramp
     meta["pipeline"]["hybrid_choice"] = record
     write_metadata(models_dir, meta)
     return record
