@@ -48,12 +48,15 @@ def aggregation_sentence(aggregate: str, n_lesions: int, score: float, lesion_sc
     """One line under the score saying how it was made (it also tells a browser test the switch landed);
     on a close-up it also gives the whole-frame views' shares (lesiontriage.hybrid)."""
     how = {"mean": "mean", "max": "maximum", "noisy_or": "noisy-OR, 1 - prod(1 - p),"}.get(aggregate, aggregate)
+    rule = HybridRule(whole_image_weight, full_frame_weight=full_frame_weight)
+    views = rule.view_terms(whole_image_score, full_frame_score)
     if n_lesions == 0:
+        if views:
+            return (f"No lesion found, so the score comes from the whole-photo views: " + " + ".join(views)
+                    + f" = {score:.2f} (chosen on validation photos; a missed lesion must not read as routine).")
         return f"Score by {AGGREGATIONS.get(aggregate, aggregate)}: no lesion found, so the score is {score:.2f} by definition."
     plural = "s" if n_lesions != 1 else ""
     text = f"Score by {AGGREGATIONS.get(aggregate, aggregate)}: the {how} of {n_lesions} lesion probabilit{'ies' if plural else 'y'}."
-    rule = HybridRule(whole_image_weight, full_frame_weight=full_frame_weight)
-    views = rule.view_terms(whole_image_score, full_frame_score)
     if views and lesion_score is not None:
         text += (f" The largest lesion fills enough of the photo to blend in whole-photo views: "
                  f"{rule.lesion_weight:.2g} x {lesion_score:.2f} + " + " + ".join(views)

@@ -299,7 +299,8 @@ def train(
             console.print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         console.print(f"chosen whole_image_weight = {record['whole_image_weight']}, full_frame_weight = "
                       f"{record['full_frame_weight']}, close-up gate = "
-                      f"{record['closeup_min_box_fraction']}, soft gate from = {record.get('closeup_ramp_from')} "
+                      f"{record['closeup_min_box_fraction']}, soft gate from = {record.get('closeup_ramp_from')}, "
+                      f"no-lesion photos scored by the views = {record.get('no_lesion_views', False)} "
                       "(run `lesiontriage train tiers` next)")
         for cand in record.get("soft_gate", {}).get("candidates", []):
             console.print("  soft gate " + "  ".join(f"{k}={v}" for k, v in cand.items()))

@@ -55,6 +55,7 @@ class PipelineSettings:
     full_frame_weight: float = 0.0  # close-ups: weight of the lesion classifier run on the whole photo (hybrid.py)
     closeup_min_box_fraction: float = 0.15  # largest kept box / image area that makes a photo a close-up
     closeup_ramp_from: float | None = None  # soft gate (hybrid.py): views' weights ramp up from this fraction
+    no_lesion_views: bool = False  # no lesion kept: the image score comes from the two whole-photo views (hybrid.py)
     fast_cpu: bool = True  # run the networks through frozen oneDNN copies (networks/fast.py), checked vs eager at load
 
     def tta_for(self, n_crops: int) -> bool:
@@ -169,7 +170,7 @@ class TriagePipeline:
         """The close-up blend (from metadata.json; the whole-image view is off without a whole-image classifier)."""
         s = self.settings
         weight = s.whole_image_weight if self.image_classifier is not None else 0.0
-        return HybridRule(weight, s.closeup_min_box_fraction, s.full_frame_weight, s.closeup_ramp_from)
+        return HybridRule(weight, s.closeup_min_box_fraction, s.full_frame_weight, s.closeup_ramp_from, s.no_lesion_views)
 
     @staticmethod
     def result_rule(result: TriageResult) -> HybridRule:
@@ -264,13 +265,15 @@ class TriagePipeline:
         """Tier from the validation thresholds, with a reason naming the lesion that drives it (and the
         whole-image share of the score when the close-up blend made it)."""
         thr, _ = self.thresholds(mode, aggregate)
-        if mode == "two_stage" and not lesions:
-            return Tier("routine", "No lesion found. If you can see a lesion, retake the photo closer, in focus and "
-                        "well lit, or try the whole-image mode.", None)
+        retake = "If you can see a lesion, retake the photo closer, in focus and well lit."
+        if mode == "two_stage" and not lesions and not (result is not None and result.blended):
+            return Tier("routine", f"No lesion found. {retake} Or try the whole-image mode.", None)
         driver = max(range(len(lesions)), key=lambda i: lesions[i].p_malignant) if lesions else None
         name = "urgent" if score >= thr["urgent"] else "refer" if score >= thr["refer"] else "routine"
         what = (f"lesion #{driver + 1} (p_malignant {lesions[driver].p_malignant:.2f}, most like "
                 f"{lesions[driver].top_subtype})" if driver is not None else "the whole image")
+        if mode == "two_stage" and not lesions:  # scored by the whole-photo views (hybrid.no_lesion_views)
+            what = f"the whole photo: no lesion box found. {retake}"
         agg = {"mean": "mean", "max": "maximum", "noisy_or": "noisy-OR"}.get(aggregate, aggregate)
         label = f"{agg} score"
         if result is not None and result.blended and result.lesion_score is not None:

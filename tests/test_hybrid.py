@@ -161,3 +161,23 @@ def test_study_takes_a_soft_gate_only_when_it_helps_and_spares_the_scenes():
     assert blended and score == pytest.approx((1 - 0.8 * k) * 0.2 + k * (0.2 * 0.4 + 0.6 * 0.8))
     scenes = [CloseUp("s", y, np.array([p]), 0.005, 0.5, 0.5) for y, p in ((0, 0.1), (1, 0.3), (0, 0.2), (1, 0.6))]
     assert scene_auc(HybridRule(0.2, 0.15, 0.6, 0.02), scenes, "mean") == pytest.approx(1.0)
+
+
+def test_no_lesion_photo_is_scored_by_the_views_when_switched_on():
+    rule = HybridRule(0.1, 0.15, 0.7, ramp_from=0.02, no_lesion_views=True)
+    none = rule.for_photo(np.zeros((0, 4)), 100, 100)
+    assert none is not None and none.lesion_weight == pytest.approx(0.0, abs=1e-9)
+    assert none.whole_image_weight == pytest.approx(0.125) and none.full_frame_weight == pytest.approx(0.875)
+    assert none.blend(0.0, 0.4, 0.8) == pytest.approx(0.125 * 0.4 + 0.875 * 0.8)
+    assert "lesion mean" not in none.describe("mean", 0.0, 0.4, 0.8)  # no lesion term when it has no weight
+    assert HybridRule(0.1, 0.15, 0.7, ramp_from=0.02).for_photo(np.zeros((0, 4)), 100, 100) is None  # off: 0 by definition
+    assert HybridRule(0.0, 0.15, 0.0, no_lesion_views=True).for_photo(np.zeros((0, 4)), 100, 100) is None  # blend off
+    from lesiontriage.train.hybrid import photo_score
+
+    ph = CloseUp("a", 1, np.zeros(0), 0.0, 0.4, 0.8)
+    assert photo_score(rule, ph, "mean") == (pytest.approx(0.75), True)
+    assert photo_score(HybridRule(0.1, 0.15, 0.7), ph, "mean") == (0.0, False)
+    from lesiontriage.app_support import aggregation_sentence
+
+    text = aggregation_sentence("mean", 0, 0.75, 0.0, 0.4, 0.125, 0.8, 0.875)
+    assert text.startswith("No lesion found") and "whole photo 0.80" in text and "= 0.75" in text

@@ -405,3 +405,34 @@ def test_soft_gate_and_many_lesion_photos(pipe, photos):
     img_boxes, _ = few.detect(img.rgb)
     batch = few._crop_batch(img.rgb, img_boxes, few.classifier.config)
     assert few.lesion_probabilities(img.rgb, img_boxes)[0] == pytest.approx(few.classify(batch, tta=True)[0], abs=1e-5)
+
+
+def test_photo_without_a_kept_lesion_is_scored_by_the_whole_photo_views(pipe, photos):
+    """A detector miss must not make a close-up 'routine' by definition: with ``no_lesion_views`` the
+    score is the views' renormalised mean and the tier says why; without it the score stays 0."""
+    import dataclasses
+
+    import torch
+
+    from lesiontriage.pipeline import TriagePipeline
+
+    class NoBoxes(torch.nn.Module):
+        def forward(self, images):
+            return [{"boxes": torch.zeros((0, 4)), "scores": torch.zeros(0)}]
+
+    def variant(on: bool) -> TriagePipeline:
+        s = dataclasses.replace(pipe.settings, whole_image_weight=0.1, full_frame_weight=0.7, closeup_min_box_fraction=0.15,
+                                closeup_ramp_from=0.02, no_lesion_views=on)
+        return TriagePipeline(NoBoxes(), pipe.det_cfg, pipe.classifier, pipe.clf_meta, pipe.metadata,
+                              pipe.image_classifier, pipe.image_clf_meta, settings=s)
+
+    on = variant(True).predict(photos[1])
+    assert on.n_lesions == 0 and on.blended and on.lesion_score == 0.0
+    whole = pipe.predict(photos[1], whole_image=True).image_score
+    frame = float(variant(True).lesion_probabilities(variant(True).load(photos[1]).rgb)[0][0])
+    assert on.image_score == pytest.approx(0.125 * whole + 0.875 * frame, abs=1e-4)
+    assert "no lesion box found" in on.tier.reason and "closer" in on.tier.reason
+    thr, _ = pipe.thresholds("two_stage", "mean")
+    assert on.tier.name == ("urgent" if on.image_score >= thr["urgent"] else "refer" if on.image_score >= thr["refer"] else "routine")
+    off = variant(False).predict(photos[1])
+    assert off.image_score == 0.0 and off.tier.name == "routine" and not off.blended

@@ -939,7 +939,7 @@ def _image_row(rec: ImageRecord, kept: _Kept | None, t_img: float, kept_threshol
     if hybrid is not None and kept is not None and "cls_det" in st and views_ready and rec.size:
         w, h = rec.size
         scale = min(1.0, EVAL_DECODE_MAX_SIDE / max(w, h))  # kept boxes are in the decoded image's pixels
-        photo_rule = hybrid.for_photo(kept.boxes, w * scale, h * scale) if len(kept.p) else None  # soft gate scales it
+        photo_rule = hybrid.for_photo(kept.boxes, w * scale, h * scale)  # soft gate scales it; None: pure two-stage
         row["hybrid_blended"] = photo_rule is not None
         for agg in T.AGGREGATIONS:
             two = row[T.IMAGE_SCORE_COLUMNS[f"two_stage.{agg}"]]
@@ -1470,7 +1470,7 @@ def evaluate(settings: EvalSettings, manifest: pd.DataFrame | None = None,
     agg, kept_thr, max_les = str(ps.default_aggregate), float(ps.detector_score_threshold), int(ps.max_lesions)
     nest = float(ps.nested_containment)
     hybrid = HybridRule(float(ps.whole_image_weight), float(ps.closeup_min_box_fraction), float(ps.full_frame_weight),
-                        None if ps.closeup_ramp_from is None else float(ps.closeup_ramp_from))
+                        None if ps.closeup_ramp_from is None else float(ps.closeup_ramp_from), bool(ps.no_lesion_views))
     tables = build_tables(main_records, info, agg, kept_thr, max_les, nest, hybrid)
     ita_extra = build_tables(extra_records, info, agg, kept_thr, max_les, nest, hybrid).images
     seconds["tables"] = time.perf_counter() - t

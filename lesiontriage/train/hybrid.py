@@ -16,6 +16,8 @@
    linearly below the gate instead of dropping to 0). A ramp replaces the hard gate only with a
    further gain >= ``min_gain`` *and* if the labelled synthetic validation scenes' image AUC (the
    wide-field photos a ramp could touch) does not fall by more than ``scene_tolerance``.
+4. **No lesion kept.** The grid once more with photos without a kept lesion scored by the views
+   alone (``no_lesion_views``) instead of 0; switched on only with a further gain >= ``min_gain``.
 
 Writes ``pipeline.whole_image_weight``, ``pipeline.full_frame_weight``,
 ``pipeline.closeup_min_box_fraction``, ``pipeline.closeup_ramp_from`` and the table under ``pipeline.hybrid_choice`` in
@@ -90,21 +92,21 @@ def choose_gate(widefield_fractions: list[float], gates: tuple[float, ...]) -> f
 def photo_score(rule: HybridRule, ph: CloseUp, agg: str) -> tuple[float, bool]:
     """(image score, blended) of one photo under ``rule``: what ``TriagePipeline.predict`` computes."""
     s = aggregate(ph.lesion_p, agg) if len(ph.lesion_p) else 0.0
-    k = rule.view_scale(ph.box_fraction) if rule.active and len(ph.lesion_p) else 0.0
-    if k <= 0:
+    photo_rule = rule.for_fraction(ph.box_fraction, bool(len(ph.lesion_p)))
+    if photo_rule is None:
         return s, False
-    scaled = HybridRule(rule.whole_image_weight * k, rule.closeup_min_box_fraction, rule.full_frame_weight * k)
-    return scaled.blend(s, ph.whole_p, ph.frame_p), True
+    return photo_rule.blend(s, ph.whole_p, ph.frame_p), True
 
 
 def score_table(photos: list[CloseUp], pairs: list[tuple[float, float]], gate: float, agg: str,
-                ramp_from: float | None = None) -> pd.DataFrame:
+                ramp_from: float | None = None, no_lesion_views: bool = False) -> pd.DataFrame:
     """Macro / per-stratum AUC and the share of photos blended, for every (whole-image, full-frame)
-    weight pair at this gate (a bare float w stands for the pair (w, 0)); ``ramp_from``: soft gate."""
+    weight pair at this gate (a bare float w stands for the pair (w, 0)); ``ramp_from``: soft gate;
+    ``no_lesion_views``: photos without a kept lesion scored by the views."""
     rows = []
     for pair in pairs:
         w, f = (float(pair), 0.0) if np.isscalar(pair) else (float(pair[0]), float(pair[1]))
-        rule = HybridRule(w, gate, f, ramp_from)
+        rule = HybridRule(w, gate, f, ramp_from, no_lesion_views)
         recs = []
         for ph in photos:
             score, blended = photo_score(rule, ph, agg)
@@ -112,7 +114,8 @@ def score_table(photos: list[CloseUp], pairs: list[tuple[float, float]], gate: f
         df = pd.DataFrame(recs)
         aucs = {str(k): float(roc_auc_score(g["y"], g["score"])) for k, g in df.groupby("stratum") if 0 < g["y"].sum() < len(g)}
         rows.append({"whole_image_weight": w, "full_frame_weight": f, "closeup_min_box_fraction": gate,
-                     "ramp_from": ramp_from, "blended_share": float(df["blended"].mean()), **aucs,
+                     "ramp_from": ramp_from, "no_lesion_views": no_lesion_views,
+                     "blended_share": float(df["blended"].mean()), **aucs,
                      "macro": float(np.mean(list(aucs.values())))})
     return pd.DataFrame(rows)
 
@@ -258,7 +261,7 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
     pairs = weight_pairs(study.weights, study.min_lesion_weight)
     table = score_table(photos, pairs, gate, study.aggregate)
     weight, frame_weight = choose_weights(table, study.min_gain) if np.isfinite(gate) else (0.0, 0.0)
-    ramp, soft = None, {}
+    ramp, soft, no_lesion_views = None, {}, False
     if np.isfinite(gate) and (weight or frame_weight):
         hard_macro = float(table[(table["whole_image_weight"] == weight) & (table["full_frame_weight"] == frame_weight)]["macro"].iloc[0])
         clf_tag = f"{sha['classifier']['sha256'][:12]}_tta{int(pipe.settings.flip_tta)}_{pipe.settings.flip_tta_max_crops}"
@@ -271,7 +274,17 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
         ramp = choose_ramp(ramp_tables, hard_macro, scene_aucs, hard_scene, study)
         if ramp is not None:
             weight, frame_weight = float(best[ramp]["whole_image_weight"]), float(best[ramp]["full_frame_weight"])
+        chosen_macro = float(best[ramp]["macro"]) if ramp is not None else hard_macro
+        fb_table = score_table(photos, pairs, gate, study.aggregate, ramp, no_lesion_views=True)
+        fb_best = fb_table.loc[fb_table["macro"].idxmax()]
+        no_lesion_views = float(fb_best["macro"]) - chosen_macro >= study.min_gain
+        if no_lesion_views:
+            weight, frame_weight = float(fb_best["whole_image_weight"]), float(fb_best["full_frame_weight"])
         soft = {"hard_gate_macro": round(hard_macro, 4), "hard_gate_scene_auc": hard_scene,
+                "no_lesion_views": {"macro_without": round(chosen_macro, 4), "macro_with": round(float(fb_best["macro"]), 4),
+                                    "whole_image_weight": float(fb_best["whole_image_weight"]),
+                                    "full_frame_weight": float(fb_best["full_frame_weight"]),
+                                    "n_photos_without_lesion": int(sum(not len(p.lesion_p) for p in photos))},
                 "n_scenes": len(scenes), "n_scenes_malignant": int(sum(s.y for s in scenes)),
                 "candidates": [{"ramp_from": r, "whole_image_weight": float(best[r]["whole_image_weight"]),
                                 "full_frame_weight": float(best[r]["full_frame_weight"]), "macro": round(float(best[r]["macro"]), 4),
@@ -282,13 +295,15 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
         "full_frame_weight": frame_weight,
         "closeup_min_box_fraction": gate if np.isfinite(gate) else None,
         "closeup_ramp_from": ramp,
+        "no_lesion_views": no_lesion_views,
         "soft_gate": soft,
         "criterion": (f"gate: smallest candidate above the largest kept box / image area of every wide-field validation "
                       f"photo; weights (whole-image classifier, lesion classifier on the whole frame; the lesion "
                       f"aggregate keeps >= {study.min_lesion_weight}): macro ROC AUC over source x modality strata, "
                       f"{study.aggregate} aggregation; a pair replaces (0, 0) only with a gain >= {study.min_gain}; a soft "
                       f"gate (ramp_from) replaces the hard one only with a further gain >= {study.min_gain} and validation "
-                      f"scenes' image AUC within {study.scene_tolerance} of the hard gate's"),
+                      f"scenes' image AUC within {study.scene_tolerance} of the hard gate's; photos without a kept "
+                      f"lesion scored by the views only with a further gain >= {study.min_gain}"),
         "chosen_on": (f"validation split: {len(rows)} labelled photos + the HAM10000 ones squashed to 224x224; "
                       f"wide-field: {sum(w['kind'] == 'real' for w in wide)} real mole photos + "
                       f"{sum(w['kind'] == 'synthetic' for w in wide)} synthetic scenes (seed {study.scene_seed})"),
@@ -306,6 +321,7 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
     meta["pipeline"]["full_frame_weight"] = frame_weight
     meta["pipeline"]["closeup_min_box_fraction"] = gate if np.isfinite(gate) else 1.0
     meta["pipeline"]["closeup_ramp_from"] = ramp
+    meta["pipeline"]["no_lesion_views"] = no_lesion_views
     meta["pipeline"]["hybrid_choice"] = record
     write_metadata(models_dir, meta)
     return record
