@@ -87,7 +87,11 @@ def test_reaggregate_orders_scores_without_rerunning(pipe, photos):
     nor = pipe.reaggregate(res, "noisy_or")
     assert mx.lesions is res.lesions
     assert res.image_score <= mx.image_score + 1e-9 <= nor.image_score + 2e-9
-    assert mx.image_score == pytest.approx(max(l.p_malignant for l in res.lesions))
+    assert mx.lesion_score == pytest.approx(max(l.p_malignant for l in res.lesions))
+    # a blended photo (close-up, soft gate) keeps its views and weights; the score is the same weighted mean
+    expected = pipe.result_rule(mx).blend(mx.lesion_score, mx.whole_image_score, mx.full_frame_score) if mx.blended \
+        else mx.lesion_score
+    assert mx.image_score == pytest.approx(expected)
 
 
 def test_unknown_aggregation_is_refused(pipe, photos):
