@@ -186,7 +186,7 @@ def headline() -> None:
     m1, m2 = st.columns(2)
     m1.metric("Triage score", f"{res.image_score:.2f}",
               help="Image-level malignancy score in [0, 1] from the chosen aggregation of lesion probabilities "
-                   "(on a close-up, blended with the whole-image classifier).")
+                   "(on a close-up, or with no lesion found, blended with two views of the whole photo).")
     m2.metric("Lesions found", n if two_stage else "-")
     if covariates_used:
         st.info("**Combined image + clinical model used**: lesion probabilities, score and tier include your "
