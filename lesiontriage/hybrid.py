@@ -27,8 +27,10 @@ is the paper's pure two-stage score.
 When the detector keeps no lesion at all, the two-stage score is 0 by definition, which makes a
 close-up whose lesion the detector missed "routine": 7 of the 38 such ISIC 2018 test photos are
 malignant. With ``no_lesion_views`` the score of such a photo is the two views' weighted mean instead
-(the lesion aggregate's weight is 0; validation macro AUC 0.855 -> 0.878, mostly PAD-UFES-20 and SD-198). Lesion probabilities (box colours) never change: only the image-level triage
-score does, and the result says how it was made.
+(the lesion aggregate's weight is 0; validation macro AUC 0.855 -> 0.878, mostly PAD-UFES-20 and SD-198).
+
+Lesion probabilities (box colours) never change: only the image-level triage score does, and the
+result says how it was made.
 """
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ class PipelineSettings:
     flip_tta: bool = False  # lesion classifier: average logits over identity + h-flip + v-flip (chosen on validation)
     # Flip TTA triples the classifier's cost (~30 ms per crop view on the 2-core CPU): a back photo with 77
     # kept boxes took 7.1 s to classify with it. Above this many crops a photo is classified once per crop
-    # (~2.4 s for 77); 24 covers 99% of the close-up test photos, where the validation study chose TTA.
+    # (measured 2.3-2.5 s for 77); 24 covers 99% of the close-up test photos, where the validation study chose TTA.
     flip_tta_max_crops: int = 24
     torch_threads: int = 2
     ensemble: bool = False  # average the malignancy of classifier + classifier_2 (when installed)
@@ -273,7 +273,7 @@ class TriagePipeline:
         what = (f"lesion #{driver + 1} (p_malignant {lesions[driver].p_malignant:.2f}, most like "
                 f"{lesions[driver].top_subtype})" if driver is not None else "the whole image")
         if mode == "two_stage" and not lesions:  # scored by the whole-photo views (hybrid.no_lesion_views)
-            what = f"the whole photo: no lesion box found. {retake}"
+            what = "the whole photo (no lesion box found; if you can see a lesion, retake the photo closer, in focus and well lit)"
         agg = {"mean": "mean", "max": "maximum", "noisy_or": "noisy-OR"}.get(aggregate, aggregate)
         label = f"{agg} score"
         if result is not None and result.blended and result.lesion_score is not None:
