@@ -159,3 +159,23 @@ def test_bf16_autocast_only_where_the_cpu_has_native_bf16():
     assert cpu_has_native_bf16("flags\t: fpu avx2 avx512f avx512_bf16 amx_tile") is True
     assert cpu_has_native_bf16("flags\t: fpu avx2 amx_bf16") is True
     assert cpu_has_native_bf16("flags\t: fpu sse4_2 avx2 fma") is False
+
+
+def test_whole_frame_share_shows_boxed_rows_as_the_whole_photo():
+    """whole_frame_prob: a boxed training row is sometimes shown whole (the product's full-frame view);
+    0 keeps the crop, and validation (no rng) always crops."""
+    from lesiontriage.data.torch_datasets import LesionImageDataset
+
+    img = np.zeros((100, 160, 3), np.uint8)
+    img[40:60, 70:90] = 200
+    rows = pd.DataFrame({"path": ["x.jpg"], "boxes": [[[70.0, 40.0, 90.0, 60.0]]], "malignant": [1], "diagnosis": ["MEL"]})
+    kw = dict(input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, mode="crop", images=[img])
+    rng = np.random.default_rng(0)
+    always = LesionImageDataset(rows, train=True, whole_frame_prob=1.0, **kw)
+    assert always.region(0, rng).shape == img.shape
+    never = LesionImageDataset(rows, train=True, whole_frame_prob=0.0, **kw)
+    assert never.region(0, rng).shape[:2] != img.shape[:2]
+    assert always.region(0, None).shape[:2] != img.shape[:2]  # validation: the crop
+    some = LesionImageDataset(rows, train=True, whole_frame_prob=0.3, **kw)
+    share = np.mean([some.region(0, np.random.default_rng(i)).shape == img.shape for i in range(400)])
+    assert 0.2 < share < 0.4

@@ -59,13 +59,15 @@ class LesionImageDataset(Dataset):
 
     ``mode='crop'`` crops the labelled box (+ margin) when the row has one, else uses the whole
     image (derm7pt, SD-198: the lesion is centred and fills much of the frame). ``mode='whole'``
-    always uses the whole image (the direct whole-image baseline).
+    always uses the whole image (the direct whole-image baseline). ``whole_frame_prob`` (training,
+    crop mode): that share of the boxed rows' samples show the whole photo instead of the crop.
     """
 
     def __init__(self, rows: pd.DataFrame, *, input_size: int, mean, std, train: bool, mode: str = "crop",
                  margin: float = 0.25, data_root: Path | None = None, images: list[np.ndarray] | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, whole_frame_prob: float = 0.0) -> None:
         self.rows = rows.reset_index(drop=True)
+        self.whole_frame_prob = float(whole_frame_prob)
         self.train = train
         self.mode = mode
         self.margin = margin
@@ -100,7 +102,7 @@ class LesionImageDataset(Dataset):
         """The pixels the classifier sees for row ``i`` (jittered when an rng is given)."""
         img = self.images[i]
         box = self.boxes[i]
-        if box is None:
+        if box is None or (rng is not None and rng.uniform() < self.whole_frame_prob):
             return img
         margin = self.margin
         if rng is not None:

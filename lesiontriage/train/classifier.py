@@ -59,6 +59,9 @@ class ClassifierTrainConfig:
     patience: int = 2
     export_key: str = ""  # key in models/metadata.json (default: classifier / image_classifier by mode)
     init_from: str = ""  # a model key in models/metadata.json to continue from (sha256-verified) instead of ImageNet
+    # Crop mode: share of boxed training rows shown as the whole photo instead of the box crop. The product's
+    # close-up score leans on the lesion classifier run on the whole photo (hybrid.py, full-frame view).
+    whole_frame_prob: float = 0.0
 
 
 def _sample_weights(rows: pd.DataFrame, shares: dict[str, float]) -> np.ndarray:
@@ -141,7 +144,8 @@ class ClassifierTrainer:
         common = dict(input_size=self.net_cfg.input_size, mean=self.net_cfg.mean, std=self.net_cfg.std, mode=cfg.mode,
                       margin=self.net_cfg.crop_margin, data_root=data_root)
         log.info("decoding %d train + %d val images", len(self.train_rows), len(self.val_rows))
-        self.train_ds = LesionImageDataset(self.train_rows, train=True, seed=cfg.seed, **common)
+        self.train_ds = LesionImageDataset(self.train_rows, train=True, seed=cfg.seed, whole_frame_prob=cfg.whole_frame_prob,
+                                           **common)
         self.val_ds = LesionImageDataset(self.val_rows, train=False, **common)
         self.weights = _sample_weights(self.train_rows, cfg.source_shares)
         pos_weight, cw = _loss_weights(self.train_rows, self.weights)
