@@ -265,6 +265,9 @@ def train(
     data_root: Optional[Path] = typer.Option(None, "--data-root"),
     export: bool = typer.Option(True, "--export/--no-export", help="Write the best weights + metadata to models/"),
     export_only: bool = typer.Option(False, "--export-only", help="Skip training; export the finished run in runs/<name>/"),
+    check_product: bool = typer.Option(False, "--check-product",
+                                       help="classifier: skip training; score the run's checkpoints on the product's "
+                                            "validation score next to the shipped classifier (decides an export)"),
 ) -> None:
     """Train one model; checkpoints go to runs/<name>/, the best epoch is exported to models/."""
     if model == "tiers":
@@ -308,6 +311,21 @@ def train(
     if model not in _TRAIN_DEFAULTS:
         _fail(f"unknown model {model!r}; choose one of {', '.join(_TRAIN_DEFAULTS)}, box-rule, hybrid, tiers")
     cfg = config or _TRAIN_DEFAULTS[model]
+    if check_product:
+        if model != "classifier":
+            _fail("--check-product applies to the lesion classifier only")
+        from lesiontriage.train.product_check import check_run
+
+        try:
+            record = check_run(cfg, manifest_path=manifest, data_root=data_root)
+        except FileNotFoundError as exc:
+            _fail(str(exc))
+        for r in record["results"]:
+            crop = f"{r['crop_macro_auc']:.4f}" if r["crop_macro_auc"] is not None else "-"
+            console.print(f"{r['name']:14s} epoch {r['epoch']}  crop macro {crop}  frame view {r['frame_macro_auc']:.4f}  "
+                          f"product {r['product_macro_auc']:.4f} (whole {r['whole_image_weight']}, frame "
+                          f"{r['full_frame_weight']})  {r['by_stratum']}")
+        return
     if model == "detector":
         from lesiontriage.train.detector import run_training
     else:

@@ -181,3 +181,25 @@ def test_no_lesion_photo_is_scored_by_the_views_when_switched_on():
 
     text = aggregation_sentence("mean", 0, 0.75, 0.0, 0.4, 0.125, 0.8, 0.875)
     assert text.startswith("No lesion found") and "whole photo 0.80" in text and "= 0.75" in text
+
+
+def test_product_check_scores_a_classifier_by_the_shipped_grid():
+    """train/product_check: the frame view alone and the best pair of the shipped grid, per candidate."""
+    from lesiontriage.pipeline import PipelineSettings
+    from lesiontriage.train.product_check import product_score, stratum_macro
+
+    rng = np.random.default_rng(3)
+    good, noise = [], []
+    for i in range(200):
+        y = int(i % 2)
+        lesion = np.clip(0.3 + 0.1 * y + rng.normal(0, 0.25, 2), 0, 1)
+        frame = float(np.clip(0.3 + 0.4 * y + rng.normal(0, 0.1), 0, 1))
+        good.append(CloseUp("a" if i < 100 else "b", y, lesion, 0.5, 0.5, frame))
+        noise.append(CloseUp("a" if i < 100 else "b", y, lesion, 0.5, 0.5, float(rng.uniform())))
+    settings = PipelineSettings(closeup_min_box_fraction=0.15, closeup_ramp_from=0.02, no_lesion_views=True)
+    a, b = product_score("informative frame", good, settings), product_score("noise frame", noise, settings)
+    assert a.frame_macro_auc > 0.9 > b.frame_macro_auc
+    assert a.product_macro_auc > b.product_macro_auc and a.full_frame_weight >= 0.5
+    pure_two_stage = stratum_macro(noise, [float(np.mean(p.lesion_p)) for p in noise])
+    assert b.product_macro_auc >= pure_two_stage - 1e-9  # the grid holds the (0, 0) pair: never worse than the lesions
+    assert set(a.by_stratum) == {"a", "b"}

@@ -1,0 +1,123 @@
+"""Score a trained-but-not-exported lesion classifier on the *product's* validation score, never test.
+
+Why: a classifier run stops early and keeps ``best.pt`` by the macro AUC of its validation crops, but
+the product's image score on a close-up leans on the same classifier run on the whole photo (the
+full-frame view, ``lesiontriage.hybrid``) and on the detected boxes. The two can disagree: the
+``classifier_continue4`` run lowered the crop metric while raising HAM10000 and the frame view, and
+lowered derm7pt clinical. ``lesiontriage train classifier --config FILE --check-product`` answers
+the question that decides an export: would the product score be better on validation?
+
+For each candidate checkpoint of the run (``best.pt``, ``checkpoint.pt``) it swaps the weights into
+the shipped pipeline, refits the temperature on the validation crops (as the export does), classifies
+the kept detections (the box-rule study's cached detector output) and the whole frame of every
+validation photo of ``train hybrid``, and re-runs the shipped close-up grid (gate, ramp, no-lesion
+views; every weight pair): macro ROC AUC over the source x modality strata, next to the shipped
+classifier's. Writes ``runs/<name>/product_check.json``.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+from tqdm.auto import tqdm
+
+from lesiontriage.box_selection import select_boxes
+from lesiontriage.data.manifest import load_manifest
+from lesiontriage.paths import MODELS_DIR, RUNS_DIR
+from lesiontriage.train.box_rule import BoxRuleStudy, _load
+from lesiontriage.train.hybrid import CloseUp, HybridStudy, _closeups, score_table, weight_pairs
+from lesiontriage.train.tiers import validation_images
+
+CANDIDATE_FILES = ("best.pt", "checkpoint.pt")
+
+
+@dataclass
+class ProductScore:
+    """One classifier's validation numbers under the shipped close-up grid."""
+
+    name: str
+    epoch: int | None
+    temperature: float
+    crop_macro_auc: float | None  # the training run's own criterion (None for the shipped model: see metadata)
+    frame_macro_auc: float  # the full-frame view alone
+    product_macro_auc: float  # best weight pair of the grid
+    whole_image_weight: float
+    full_frame_weight: float
+    by_stratum: dict[str, float]
+
+
+def stratum_macro(photos: list[CloseUp], values: list[float]) -> float:
+    """Macro ROC AUC over the photos' strata of one number per photo."""
+    df = pd.DataFrame({"s": [p.stratum for p in photos], "y": [p.y for p in photos], "v": values})
+    return float(np.mean([roc_auc_score(g["y"], g["v"]) for _, g in df.groupby("s") if 0 < g["y"].sum() < len(g)]))
+
+
+def product_score(name: str, photos: list[CloseUp], settings, epoch: int | None = None, temperature: float = 1.0,
+                  crop_macro_auc: float | None = None) -> ProductScore:
+    """The best weight pair of the shipped grid (gate, ramp and no-lesion views as shipped) for these photos."""
+    pairs = weight_pairs(HybridStudy().weights, HybridStudy().min_lesion_weight)
+    table = score_table(photos, pairs, settings.closeup_min_box_fraction, "mean", settings.closeup_ramp_from,
+                        bool(settings.no_lesion_views))
+    best = table.loc[table["macro"].idxmax()]
+    strata = {k: round(float(best[k]), 4) for k in sorted({p.stratum for p in photos}) if k in table.columns}
+    return ProductScore(name, epoch, temperature, crop_macro_auc, stratum_macro(photos, [p.frame_p for p in photos]),
+                        float(best["macro"]), float(best["whole_image_weight"]), float(best["full_frame_weight"]), strata)
+
+
+def _candidate_photos(pipe, base: list[CloseUp], dets: list[dict[str, Any]], data_root: Path | None) -> list[CloseUp]:
+    """The validation photos re-scored by the classifier now in ``pipe`` (detections and whole-image p reused)."""
+    s = pipe.settings
+    out = []
+    for d, ph in tqdm(list(zip(dets, base)), desc="validation photos (candidate)"):
+        rgb = _load(pipe, pd.Series({"path": d["path"]}), d["squash"], data_root).rgb
+        keep = select_boxes(d["boxes"], d["scores"], s.detector_score_threshold, s.max_lesions, s.nested_containment)
+        lesion_p = pipe.lesion_probabilities(rgb, d["boxes"][keep])[0] if len(keep) else np.zeros(0)
+        frame_p = float(pipe.lesion_probabilities(rgb)[0][0])
+        out.append(CloseUp(ph.stratum, ph.y, np.asarray(lesion_p, dtype=np.float64), ph.box_fraction, ph.whole_p, frame_p))
+    return out
+
+
+def check_run(config_path: str, models_dir: Path = MODELS_DIR, manifest_path: Path | None = None,
+              data_root: Path | None = None) -> dict[str, Any]:
+    """Shipped classifier vs every candidate checkpoint of the run named in ``config_path``."""
+    from lesiontriage.evaluate.calibration import fit_temperature
+    from lesiontriage.pipeline import TriagePipeline
+    from lesiontriage.train.classifier import ClassifierTrainConfig, ClassifierTrainer, predict_logits, strata_auc
+    from lesiontriage.train.common import dataclass_from_dict, load_toml
+
+    cfg = dataclass_from_dict(ClassifierTrainConfig, load_toml(config_path))
+    run_dir = RUNS_DIR / cfg.name
+    candidates = [run_dir / f for f in CANDIDATE_FILES if (run_dir / f).is_file()]
+    if cfg.mode != "crop" or not candidates:
+        raise FileNotFoundError(f"{run_dir}: no lesion-classifier checkpoint to check (train it first)")
+    pipe = TriagePipeline.from_dir(models_dir, fast=False)
+    rows = validation_images(load_manifest(manifest_path), BoxRuleStudy().targets)
+    meta = pipe.metadata["models"]
+    tag = f"{meta['detector']['sha256'][:12]}_{meta['image_classifier']['sha256'][:12]}_{len(rows)}"
+    base = _closeups(pipe, rows, data_root, RUNS_DIR / "hybrid" / f"whole_{tag}.pkl")
+    dets = pickle.loads((RUNS_DIR / "box_rule" / f"det_{meta['detector']['sha256'][:12]}_{len(rows)}.pkl").read_bytes())
+    results = [product_score("shipped", base, pipe.settings, temperature=float(pipe.clf_meta.get("temperature", 1.0)))]
+    trainer = ClassifierTrainer.__new__(ClassifierTrainer)  # its validation crops, without building a model
+    ClassifierTrainer.__init__(trainer, cfg, manifest_path=manifest_path, data_root=data_root)
+    y = trainer.val_rows["malignant"].astype(int).to_numpy()
+    for path in candidates:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        pipe.classifier.load_state_dict(state["model"])
+        pipe.classifier.eval()
+        logits, _ = predict_logits(pipe.classifier, trainer.val_ds, flip_tta=False, bf16=False)
+        temperature = float(fit_temperature(logits, y))
+        pipe.clf_meta = dict(pipe.clf_meta, temperature=temperature)
+        photos = _candidate_photos(pipe, base, dets, data_root)
+        results.append(product_score(path.name, photos, pipe.settings, state.get("epoch"), temperature,
+                                     float(strata_auc(trainer.val_rows, logits)["macro"])))
+    record = {"run": cfg.name, "config": str(config_path), "results": [asdict(r) for r in results],
+              "note": "validation only; export a candidate only if its product_macro_auc beats the shipped one"}
+    (run_dir / "product_check.json").write_text(json.dumps(record, indent=2))
+    return record
