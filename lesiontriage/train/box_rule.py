@@ -114,6 +114,12 @@ def collect(pipe, rows: pd.DataFrame, study: BoxRuleStudy, data_root: Path | Non
     return photos
 
 
+def stratum_aucs(df: pd.DataFrame) -> dict[str, float]:
+    """ROC AUC per ``stratum`` of a frame with ``stratum``, ``y`` and ``score`` columns (strata with one class
+    only are skipped): the one criterion of the validation studies (box rule, close-up blend, product check)."""
+    return {str(s): float(roc_auc_score(g["y"], g["score"])) for s, g in df.groupby("stratum") if 0 < g["y"].sum() < len(g)}
+
+
 def score_rule(photos: list[PhotoDetections], containment: float, agg: str, score_threshold: float,
                max_lesions: int, tta: bool = False) -> pd.DataFrame:
     """Image score per photo under one rule."""
@@ -132,7 +138,7 @@ def rule_table(photos: list[PhotoDetections], study: BoxRuleStudy) -> pd.DataFra
     for c, tta, agg in ((c, t, a) for c in study.containments for t in ttas for a in AGGREGATORS):
         df = score_rule(photos, c, agg, study.score_threshold, study.max_lesions, tta)
         rec: dict[str, Any] = {"containment": c, "flip_tta": tta, "aggregate": agg, "mean_lesions": float(df["n"].mean())}
-        aucs = {str(s): float(roc_auc_score(g["y"], g["score"])) for s, g in df.groupby("stratum") if 0 < g["y"].sum() < len(g)}
+        aucs = stratum_aucs(df)
         rec.update(aucs)
         rec["macro"] = float(np.mean(list(aucs.values())))
         rows.append(rec)

@@ -44,7 +44,7 @@ from lesiontriage.errors import ModelError
 from lesiontriage.hybrid import HybridRule, largest_box_fraction
 from lesiontriage.paths import MODELS_DIR, RUNS_DIR
 from lesiontriage.pipeline import _to_tensor
-from lesiontriage.train.box_rule import BoxRuleStudy, _load, collect
+from lesiontriage.train.box_rule import BoxRuleStudy, _load, collect, stratum_aucs
 from lesiontriage.train.tiers import validation_images
 from lesiontriage.weights import read_metadata, write_metadata
 
@@ -112,7 +112,7 @@ def score_table(photos: list[CloseUp], pairs: list[tuple[float, float]], gate: f
             score, blended = photo_score(rule, ph, agg)
             recs.append({"stratum": ph.stratum, "y": ph.y, "score": score, "blended": blended})
         df = pd.DataFrame(recs)
-        aucs = {str(k): float(roc_auc_score(g["y"], g["score"])) for k, g in df.groupby("stratum") if 0 < g["y"].sum() < len(g)}
+        aucs = stratum_aucs(df)
         rows.append({"whole_image_weight": w, "full_frame_weight": f, "closeup_min_box_fraction": gate,
                      "ramp_from": ramp_from, "no_lesion_views": no_lesion_views,
                      "blended_share": float(df["blended"].mean()), **aucs,

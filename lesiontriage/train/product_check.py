@@ -25,13 +25,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from lesiontriage.box_selection import select_boxes
 from lesiontriage.data.manifest import load_manifest
 from lesiontriage.paths import MODELS_DIR, RUNS_DIR
-from lesiontriage.train.box_rule import BoxRuleStudy, _load
+from lesiontriage.train.box_rule import BoxRuleStudy, _load, stratum_aucs
 from lesiontriage.train.hybrid import CloseUp, HybridStudy, _closeups, score_table, weight_pairs
 from lesiontriage.train.tiers import validation_images
 
@@ -55,8 +54,8 @@ class ProductScore:
 
 def stratum_macro(photos: list[CloseUp], values: list[float]) -> float:
     """Macro ROC AUC over the photos' strata of one number per photo."""
-    df = pd.DataFrame({"s": [p.stratum for p in photos], "y": [p.y for p in photos], "v": values})
-    return float(np.mean([roc_auc_score(g["y"], g["v"]) for _, g in df.groupby("s") if 0 < g["y"].sum() < len(g)]))
+    df = pd.DataFrame({"stratum": [p.stratum for p in photos], "y": [p.y for p in photos], "score": values})
+    return float(np.mean(list(stratum_aucs(df).values())))
 
 
 def product_score(name: str, photos: list[CloseUp], settings, epoch: int | None = None, temperature: float = 1.0,
