@@ -258,7 +258,7 @@ _TRAIN_DEFAULTS = {"detector": "detector", "classifier": "classifier", "image-cl
 
 @app.command("train")
 def train(
-    model: str = typer.Argument(..., help="detector | classifier | image-classifier | box-rule | hybrid | tiers (the last three chosen on validation)"),
+    model: str = typer.Argument(..., help="detector | classifier | image-classifier | box-merge | box-rule | hybrid | tiers (the last four chosen on validation)"),
     config: Optional[str] = typer.Option(None, "--config", help="TOML config (default: the packaged one for MODEL)"),
     resume: bool = typer.Option(False, "--resume", help="Continue from runs/<name>/checkpoint.pt"),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest parquet (default runs/data/manifest.parquet)"),
@@ -289,6 +289,16 @@ def train(
         console.print(f"chosen nested_containment = {record['nested_containment']}, flip_tta = {record['flip_tta']} "
                       "(run `lesiontriage train tiers` next)")
         return
+    if model == "box-merge":
+        from lesiontriage.train.box_merge import choose_box_merge
+        from lesiontriage.train.common import command_line
+
+        record = choose_box_merge(manifest_path=manifest, data_root=data_root, command=command_line())
+        for row in record["table"]:
+            console.print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        console.print(f"chosen merge_score = {record['merge_score']}, merge_iou = {record['merge_iou']} "
+                      "(run `lesiontriage train box-rule`, `train hybrid` and `train tiers` next)")
+        return
     if model == "hybrid":
         from lesiontriage.train.common import command_line
         from lesiontriage.errors import LesionTriageError
@@ -309,7 +319,7 @@ def train(
             console.print("  soft gate " + "  ".join(f"{k}={v}" for k, v in cand.items()))
         return
     if model not in _TRAIN_DEFAULTS:
-        _fail(f"unknown model {model!r}; choose one of {', '.join(_TRAIN_DEFAULTS)}, box-rule, hybrid, tiers")
+        _fail(f"unknown model {model!r}; choose one of {', '.join(_TRAIN_DEFAULTS)}, box-merge, box-rule, hybrid, tiers")
     cfg = config or _TRAIN_DEFAULTS[model]
     if check_product:
         if model != "classifier":

@@ -43,6 +43,8 @@ class PipelineSettings:
     detector_score_threshold: float = 0.5
     max_lesions: int = MAX_LESIONS  # box_selection: the detector's own cap; every lesion of a back photo
     nested_containment: float = 0.0  # box_selection: drop parts of a lesion boxed inside it (0 = off)
+    merge_score: float = 0.0  # box_selection: overlapping lobes this confident become their union (0 = off)
+    merge_iou: float = 0.0  # box_selection: ... when their IoU exceeds this
     default_aggregate: str = "mean"
     flip_tta: bool = False  # lesion classifier: average logits over identity + h-flip + v-flip (chosen on validation)
     # Flip TTA triples the classifier's cost (~30 ms per crop view on the 2-core CPU): a back photo with 77
@@ -163,7 +165,7 @@ class TriagePipeline:
     def box_selection(self) -> BoxSelection:
         """The rule (from metadata.json) that turns raw detections into reported lesions."""
         s = self.settings
-        return BoxSelection(s.detector_score_threshold, s.max_lesions, s.nested_containment)
+        return BoxSelection(s.detector_score_threshold, s.max_lesions, s.nested_containment, s.merge_score, s.merge_iou)
 
     @property
     def hybrid_rule(self) -> HybridRule:
@@ -189,12 +191,11 @@ class TriagePipeline:
 
     def detect(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Boxes [K, 4] (xyxy, pixels of ``rgb``) and scores [K] of the lesions kept by
-        :attr:`box_selection` (score cut, nested parts removed, count cap), best first."""
+        :attr:`box_selection` (lobes merged, score cut, nested parts removed, count cap), best first."""
         boxes, scores = self.detect_raw(rgb)
         if self.detector is None:
             return boxes, scores
-        keep = self.box_selection.select(boxes, scores)
-        return boxes[keep], scores[keep]
+        return self.box_selection.apply(boxes, scores)
 
     def lesion_probabilities(self, rgb: np.ndarray, boxes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """p_malignant [N] and sub-type probabilities [N, 8] of the configured lesion classifier(s) (the

@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lesiontriage.box_selection import BoxSelection, containment, select_boxes, suppress_nested
+from lesiontriage.box_selection import (BoxSelection, containment, merge_overlapping, pairwise_iou, select_boxes,
+                                         suppress_nested)
 from lesiontriage.train.box_rule import BoxRuleStudy, PhotoDetections, choose, rule_table, score_rule
 
 
@@ -87,3 +88,74 @@ def test_study_table_has_tta_rows_when_tta_probabilities_exist():
     plain = table[(~table["flip_tta"]) & (table["aggregate"] == "max")]["macro"].iloc[0]
     flipped = table[(table["flip_tta"]) & (table["aggregate"] == "max")]["macro"].iloc[0]
     assert plain == 1.0 and flipped == 0.0
+
+
+def test_overlapping_lobes_merge_into_their_union_but_separate_moles_do_not():
+    boxes = np.array([
+        [105, 0, 185, 135],   # right lobe of one lesion
+        [14, 13, 99, 110],    # left lobe: does not touch the right one ...
+        [90, 20, 120, 100],   # ... but this bridge overlaps both
+        [300, 300, 320, 320],  # a separate mole
+        [310, 310, 330, 330],  # overlaps the mole, but below the merge score
+    ], dtype=float)
+    scores = np.array([0.9, 0.86, 0.8, 0.95, 0.4])
+    merged, ms = merge_overlapping(boxes, scores, 0.7, 0.0)
+    assert ms.tolist() == pytest.approx([0.95, 0.9, 0.4])  # best first; the cluster keeps its best score
+    np.testing.assert_allclose(merged[1], [14, 0, 185, 135])  # the union of the three lobes (transitive)
+    np.testing.assert_allclose(merged[[0, 2]], boxes[[3, 4]])  # untouched
+    # a stricter link (IoU > 0.1) leaves lobes that only just touch apart
+    assert len(merge_overlapping(boxes, scores, 0.7, 0.1)[0]) == 5
+    # off, or a single confident box: unchanged
+    for args in ((0.0, 0.0), (0.92, 0.0)):
+        b, s = merge_overlapping(boxes, scores, *args)
+        np.testing.assert_array_equal(b, boxes.astype(np.float32))
+
+
+def test_box_selection_apply_merges_then_selects():
+    boxes = np.array([[0, 0, 60, 100], [40, 0, 100, 100], [45, 45, 55, 55]], dtype=float)
+    scores = np.array([0.9, 0.8, 0.6])
+    b, s = BoxSelection(0.5, 10, 0.8, merge_score=0.7).apply(boxes, scores)
+    np.testing.assert_allclose(b, [[0, 0, 100, 100]])  # lobes merged, then the globule inside is suppressed
+    assert s.tolist() == pytest.approx([0.9])
+    assert len(BoxSelection(0.5, 10, 0.0).apply(boxes, scores)[0]) == 3
+    np.testing.assert_allclose(pairwise_iou(boxes[:2])[0, 1], (20 * 100) / (100 * 100))
+
+
+def _lobed_photos():
+    """Close-ups whose lesion the detector boxes as two overlapping lobes, and a back photo with two
+    neighbouring (non-overlapping) moles plus a confident duplicate that overlaps one of them."""
+    from lesiontriage.train.box_merge import DetectedPhoto
+
+    lesion = np.array([[10, 10, 210, 140]], float)
+    lobes = np.array([[10, 10, 112, 110], [100, 40, 210, 140]], float)  # IoU with the lesion 0.39 and 0.42
+    ham = [DetectedPhoto("ham10000", lesion, lobes, np.array([0.9, 0.85])) for _ in range(5)]
+    moles_gt = np.array([[100, 100, 120, 120], [125, 100, 145, 120]], float)
+    moles = [DetectedPhoto("moles", moles_gt, moles_gt.copy(), np.array([0.9, 0.8]))]
+    return ham + moles
+
+
+def test_merge_study_measures_lobes_merged_and_moles_kept():
+    from lesiontriage.train.box_merge import BoxMergeStudy, detection_scores
+
+    photos, study = _lobed_photos(), BoxMergeStudy()
+    off = detection_scores(photos, 0.0, 0.0, study)
+    on = detection_scores(photos, 0.7, 0.0, study)
+    assert off["ham_map50"] == pytest.approx(0.0)  # no lobe reaches IoU 0.5
+    assert on["ham_map50"] == pytest.approx(1.0, abs=1e-6)  # the union is the lesion
+    assert on["moles_recall_iou0"] == off["moles_recall_iou0"] == 1.0
+    assert on["moles_kept_per_photo"] == 2.0  # neighbours that do not overlap stay two lesions
+
+
+def test_merge_choice_needs_map_gain_without_costing_recall_or_auc():
+    from lesiontriage.train.box_merge import BoxMergeStudy, choose
+
+    study = BoxMergeStudy()
+    table = pd.DataFrame([
+        {"merge_score": 0.0, "merge_iou": 0.0, "ham_map50": 0.80, "moles_recall_iou0": 0.94, "scenes_recall_iou0": 0.97, "macro_auc": 0.85},
+        {"merge_score": 0.5, "merge_iou": 0.0, "ham_map50": 0.90, "moles_recall_iou0": 0.90, "scenes_recall_iou0": 0.97, "macro_auc": 0.85},
+        {"merge_score": 0.6, "merge_iou": 0.0, "ham_map50": 0.88, "moles_recall_iou0": 0.94, "scenes_recall_iou0": 0.97, "macro_auc": 0.83},
+        {"merge_score": 0.7, "merge_iou": 0.1, "ham_map50": 0.85, "moles_recall_iou0": 0.94, "scenes_recall_iou0": 0.968, "macro_auc": 0.849},
+    ])
+    assert choose(table, study) == (0.7, 0.1)  # the two better-mAP rules cost recall / AUC
+    table.loc[3, "ham_map50"] = 0.805  # below min_map_gain: stay off
+    assert choose(table, study) == (0.0, 0.0)

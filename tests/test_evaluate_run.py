@@ -524,6 +524,23 @@ def test_stage_tags_and_counts_skip_c2_outside_the_sample():
                       "detect_c2": 1}
 
 
+def test_lobe_merging_reuses_cached_detections_but_not_their_classification():
+    from lesiontriage.evaluate.run import merged_detections, stage_tags
+
+    info = ModelInfo({}, {k: k for k in ("classifier", "detector")}, {k: "ok" for k in ("classifier", "detector")})
+    item = _labelled_items(1, 0)[0]
+    off = stage_tags(info, {"thr": 0.5, "max": 30, "merge": (0.0, 0.0)}, item)
+    on = stage_tags(info, {"thr": 0.5, "max": 30, "merge": (0.7, 0.0)}, item)
+    assert on["det"] == off["det"]  # the cache holds the detector's raw output
+    assert on["cls_det"] != off["cls_det"]  # the classified crops are the merged boxes
+    det = {"boxes": np.array([[0, 0, 60, 100], [40, 0, 100, 100], [200, 0, 210, 10]], np.float32),
+           "scores": np.array([0.9, 0.8, 0.95], np.float32)}
+    merged = merged_detections(det, 0.7, 0.0)
+    np.testing.assert_allclose(merged["boxes"], [[200, 0, 210, 10], [0, 0, 100, 100]])
+    np.testing.assert_allclose(merged["scores"], [0.95, 0.9])
+    assert merged_detections(det, 0.0, 0.0) is det
+
+
 def test_projection_multiplies_per_stage_cpu_by_full_run_stage_counts():
     from lesiontriage.evaluate.run import POOL_EFFICIENCY, projected_full_seconds
 

@@ -213,14 +213,20 @@ def manifest_items(manifest: pd.DataFrame, settings: EvalSettings) -> list[EvalI
     add("sd198_test", test[test["source"] == "sd198_tumour_subset"])
     moles = test[test["source"] == "moles_widefield_roujiaw"]
     add("moles_test", moles, classify=False, whole=False, detect_eval=True)
-    ham = m[(m["source"] == "ham10000") & (m["split"] == "val")]
-    ham = ham.sample(frac=1.0, random_state=seed).drop_duplicates("lesion_id").sort_index()
     cap = min(settings.ham_detection_max, lim) if lim else settings.ham_detection_max
-    if cap and len(ham) > cap:
-        ham = ham.sample(cap, random_state=seed).sort_index()
-    for _, r in ham.iterrows():
+    for _, r in ham_detection_rows(m, cap, seed).iterrows():
         items.append(_manifest_item(r, "ham10000_val_boxes", root, classify=False, whole=False, detect_eval=True))
     return items
+
+
+def ham_detection_rows(manifest: pd.DataFrame, cap: int | None, seed: int) -> pd.DataFrame:
+    """The HAM10000 validation photos whose boxes are the held-out dermoscopy boxes: one photo per
+    lesion, a seeded sample of ``cap``. ``train box-merge`` excludes these lesions from its own set."""
+    ham = manifest[(manifest["source"] == "ham10000") & (manifest["split"] == "val")]
+    ham = ham.sample(frac=1.0, random_state=seed).drop_duplicates("lesion_id").sort_index()
+    if cap and len(ham) > cap:
+        ham = ham.sample(cap, random_state=seed).sort_index()
+    return ham
 
 
 def _scene_label_lists(r: pd.Series, n: int) -> tuple[list[int | None], list[str | None]]:
@@ -384,6 +390,18 @@ def pipeline_settings(info: ModelInfo):
                                if k in PipelineSettings.__dataclass_fields__})
 
 
+def merged_detections(det: dict[str, Any], merge_score: float, merge_iou: float) -> dict[str, Any]:
+    """The detector's raw output as the product sees it: overlapping confident lobes merged into their
+    union (``box_selection.merge_overlapping``; the same dict when merging is off). The cache keeps
+    the raw output, so a new merge rule costs no detector run."""
+    if merge_score <= 0:
+        return det
+    from lesiontriage.box_selection import merge_overlapping
+
+    boxes, scores = merge_overlapping(det["boxes"], det["scores"], merge_score, merge_iou)
+    return {**det, "boxes": boxes, "scores": scores}
+
+
 def kept_index(scores: np.ndarray, threshold: float, max_lesions: int, boxes: np.ndarray | None = None,
                nested_containment: float = 0.0) -> np.ndarray:
     """Indices of the detections the pipeline keeps (scores sorted best first, as detect() returns)."""
@@ -466,6 +484,11 @@ class Engine:
         return float(self.pipe.settings.nested_containment) if self.pipe else 0.0
 
     @property
+    def merge(self) -> tuple[float, float]:
+        """(merge_score, merge_iou) of the pipeline's lobe merging (0 = off)."""
+        return (float(self.pipe.settings.merge_score), float(self.pipe.settings.merge_iou)) if self.pipe else (0.0, 0.0)
+
+    @property
     def flip_tta(self) -> bool:
         return bool(self.pipe.settings.flip_tta) if self.pipe else False
 
@@ -532,8 +555,9 @@ class Engine:
                 out["det"] = det
         if "cls_det" in stages:
             with clock("classify_detected"):
-                keep = kept_index(det["scores"], self.kept_threshold, self.max_lesions, det["boxes"], self.nested_containment)
-                kb = det["boxes"][keep] * scale
+                mdet = merged_detections(det, *self.merge)
+                keep = kept_index(mdet["scores"], self.kept_threshold, self.max_lesions, mdet["boxes"], self.nested_containment)
+                kb = mdet["boxes"][keep] * scale
                 cfg = self.pipe.classifier.config
                 tta = self.pipe.settings.tta_for(len(kb))  # the pipeline's rule: no flips on a many-lesion photo
                 logit, sub, _ = self.run_heads(self.classifier, self.pipe._crop_batch(rgb, kb, cfg), tta) if len(kb) \
@@ -673,6 +697,12 @@ class ImageRecord:
     cached: bool = False
 
 
+def engine_settings(ps) -> dict[str, Any]:
+    """The pipeline settings that change a cached stage's value (part of its cache tag)."""
+    return {"thr": ps.detector_score_threshold, "max": ps.max_lesions, "nest": ps.nested_containment, "tta": ps.flip_tta,
+            "tta_max": ps.flip_tta_max_crops, "merge": (float(ps.merge_score), float(ps.merge_iou))}
+
+
 def stage_tags(info: ModelInfo, engine_settings: dict[str, Any], item: EvalItem) -> dict[str, tuple[str, str]]:
     """(model tag, key suffix) per stage that applies to this item given the installed models."""
     tags: dict[str, tuple[str, str]] = {"ita": (ITA_VERSION, json.dumps(item.gt_crop_boxes() if item.single_lesion else None))}
@@ -684,9 +714,10 @@ def stage_tags(info: ModelInfo, engine_settings: dict[str, Any], item: EvalItem)
     tta = f"|tta={TTA_VERSION}" if engine_settings.get("tta", False) else ""  # flip-averaged values changed with v2
     if engine_settings.get("tta", False) and engine_settings.get("tta_max") is not None:
         tta += f"|tta_max={engine_settings['tta_max']}"  # no flips above this many crops (PipelineSettings.tta_for)
+    merge = f"|merge={engine_settings['merge']}" if engine_settings.get("merge", (0.0, 0.0))[0] > 0 else ""
     if cls_ok and det_ok and need_two_stage:
         tags["cls_det"] = (f"{info.sha256['classifier']}|{info.sha256['detector']}|{engine_settings['thr']}|{engine_settings['max']}"
-                           f"|{engine_settings.get('nest', 0.0)}|{engine_settings.get('tta', False)}{tta}", "")
+                           f"|{engine_settings.get('nest', 0.0)}|{engine_settings.get('tta', False)}{tta}{merge}", "")
     if cls_ok and item.classify:
         tags["cls_gt"] = (f"{info.sha256['classifier']}|tta={engine_settings.get('tta', False)}{tta}",
                           json.dumps(item.gt_crop_boxes()))
@@ -740,8 +771,7 @@ def run_inference(items: Sequence[EvalItem], info: ModelInfo, settings: EvalSett
 
     cache = PredictionCache(settings.cache_dir)
     ps = pipeline_settings(info)
-    eng_settings = {"thr": ps.detector_score_threshold, "max": ps.max_lesions, "nest": ps.nested_containment, "tta": ps.flip_tta,
-           "tta_max": ps.flip_tta_max_crops}
+    eng_settings = engine_settings(ps)
     records: list[ImageRecord] = []
     todo: list[tuple[ImageRecord, list[str], dict[str, tuple[str, str]]]] = []
     for item in items:
@@ -813,6 +843,10 @@ def run_inference(items: Sequence[EvalItem], info: ModelInfo, settings: EvalSett
     finally:
         bar.close()
         cache.flush()
+    for rec in records:  # tables and detection metrics see the product's detections; the raw ones stay beside them
+        if "det" in rec.stages and ps.merge_score > 0:
+            rec.stages["det_raw"] = rec.stages["det"]
+            rec.stages["det"] = merged_detections(rec.stages["det"], float(ps.merge_score), float(ps.merge_iou))
     n_err = sum(1 for r in records if r.error)
     if n_err:
         log.warning("evaluate: %d images could not be read (listed with status 'error: ...')", n_err)
@@ -1109,7 +1143,8 @@ def report_context(info: ModelInfo, settings: EvalSettings) -> T.ReportContext:
     return T.ReportContext(status=info.status, metadata=info.metadata, default_aggregate=str(ps.default_aggregate),
                            n_boot=settings.n_boot, n_boot_paired=settings.n_boot_paired, n_boot_map=settings.n_boot_map,
                            seed=settings.seed, kept_threshold=float(ps.detector_score_threshold), max_kept=int(ps.max_lesions),
-                           nested_containment=float(ps.nested_containment))
+                           nested_containment=float(ps.nested_containment),
+                           merge=(float(ps.merge_score), float(ps.merge_iou)))
 
 
 def detection_sets(records: Sequence[ImageRecord]) -> tuple[dict[str, T.DetectionSet], dict[str, T.DetectionSet]]:
@@ -1131,6 +1166,12 @@ def detection_sets(records: Sequence[ImageRecord]) -> tuple[dict[str, T.Detectio
             d.gt.append(gt)
             d.boxes.append(np.asarray(out["boxes"], float).reshape(-1, 4))
             d.scores.append(np.asarray(out["scores"], float).reshape(-1))
+            raw = r.stages.get("det_raw") if stage == "det" else None
+            if raw is not None:
+                if d.unmerged_boxes is None:
+                    d.unmerged_boxes, d.unmerged_scores = [], []
+                d.unmerged_boxes.append(np.asarray(raw["boxes"], float).reshape(-1, 4))
+                d.unmerged_scores.append(np.asarray(raw["scores"], float).reshape(-1))
             if stage == "c2":
                 d.labels.append(np.asarray(out["labels"]).reshape(-1))
             d.gt_malignant.append(list(it.box_malignant))
@@ -1287,8 +1328,7 @@ def full_run_items(manifest: pd.DataFrame, settings: EvalSettings) -> list[EvalI
 def stage_counts(items: Sequence[EvalItem], info: ModelInfo) -> dict[str, dict[str, int]]:
     """{split: {clock stage: images that run it}} for these items and the installed models."""
     ps = pipeline_settings(info)
-    eng = {"thr": ps.detector_score_threshold, "max": ps.max_lesions, "nest": ps.nested_containment, "tta": ps.flip_tta,
-           "tta_max": ps.flip_tta_max_crops}
+    eng = engine_settings(ps)
     out: dict[str, dict[str, int]] = {}
     for it in items:
         c = out.setdefault(it.split, {"decode": 0})

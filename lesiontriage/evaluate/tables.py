@@ -631,6 +631,7 @@ class ReportContext:
     kept_threshold: float = 0.5
     max_kept: int | None = MAX_LESIONS
     nested_containment: float = 0.0  # the pipeline's box selection (metadata pipeline.nested_containment)
+    merge: tuple[float, float] = (0.0, 0.0)  # the pipeline's lobe merging (merge_score, merge_iou; 0 = off)
 
     def ok(self, key: str) -> bool:
         return self.status.get(key) == "ok"
@@ -655,6 +656,8 @@ class DetectionSet:
     description: str = ""
     synthetic: bool = False
     image_sides: list[float] | None = None  # long side of each image (original pixels), for the in-spec recall
+    unmerged_boxes: list[np.ndarray] | None = None  # the detector's boxes before lobe merging (when the pipeline merges)
+    unmerged_scores: list[np.ndarray] | None = None
 
 
 def detection_section(one_class: Mapping[str, DetectionSet], c2: Mapping[str, DetectionSet], ctx: ReportContext) -> dict[str, Any]:
@@ -663,7 +666,9 @@ def detection_section(one_class: Mapping[str, DetectionSet], c2: Mapping[str, De
     from lesiontriage.evaluate.detection import coco_map_classes
 
     out: dict[str, Any] = {
-        "definition": ("mAP with pycocotools over every box the detector emits (score >= its own floor); recall and IoU "
+        "definition": ("mAP with pycocotools over every box the detection stage emits (score >= the detector's own floor; "
+                       "when the pipeline merges overlapping confident lobes of one lesion, pipeline.merge_score, after "
+                       "merging, with the detector's own boxes' mAP under 'unmerged'); recall and IoU "
                        "statistics over the boxes the pipeline keeps (score >= the shipped threshold, at most max_lesions "
                        "per image). recall_iou0: a ground-truth box counts as found when any kept box overlaps it (IoU > 0); "
                        "recall_iou50: one-to-one greedy matching at IoU >= 0.5. IoU median / IQR: best IoU per found box. "
@@ -683,6 +688,10 @@ def detection_section(one_class: Mapping[str, DetectionSet], c2: Mapping[str, De
                                   max_kept=ctx.max_kept, nested_containment=ctx.nested_containment,
                                   image_sides=d.image_sides)
             m["description"], m["synthetic"] = d.description, d.synthetic
+            if d.unmerged_boxes is not None and len(d.unmerged_boxes) == len(d.gt):
+                raw = coco_map(d.gt, d.unmerged_boxes, d.unmerged_scores)
+                m["unmerged"] = {"map50": raw["map50"], "map50_95": raw["map50_95"], "merge": ctx.merge,
+                                 "note": "the detector's own boxes, before the pipeline merges overlapping lobes"}
             if kind == "c2" and d.labels is not None and d.gt_malignant is not None \
                     and all(v is not None for g in d.gt_malignant for v in g):
                 gl = [[2 if v == 1 else 1 for v in g] for g in d.gt_malignant]

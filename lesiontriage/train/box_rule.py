@@ -84,6 +84,27 @@ def _raw_detections(pipe, rows: pd.DataFrame, study: BoxRuleStudy, data_root: Pa
     return out
 
 
+def validation_detections(pipe, rows: pd.DataFrame, data_root: Path | None, study: BoxRuleStudy | None = None,
+                          merged: bool = True) -> list[dict[str, Any]]:
+    """The validation photos' detections above the score cut (cached per detector), with the
+    pipeline's lobe merging applied (``merged``; the merge study itself needs them raw)."""
+    study = study or BoxRuleStudy()
+    tag = f"{pipe.metadata['models']['detector']['sha256'][:12]}_{len(rows)}"
+    dets = _raw_detections(pipe, rows, study, data_root, RUNS_DIR / "box_rule" / f"det_{tag}.pkl")
+    if not merged:
+        return dets
+    out = []
+    for d in dets:
+        boxes, scores = pipe.box_selection.merge(d["boxes"], d["scores"])
+        out.append({**d, "boxes": boxes, "scores": scores})
+    return out
+
+
+def merge_tag(settings: PipelineSettings) -> str:
+    """Cache-name suffix for results that depend on the lobe-merging rule ('' when off)."""
+    return f"_m{settings.merge_score:g}-{settings.merge_iou:g}" if settings.merge_score > 0 else ""
+
+
 def _load(pipe, r: pd.Series, squash: bool, data_root: Path | None):
     path = resolve_path(r["path"], data_root)
     if not squash:
@@ -96,10 +117,10 @@ def collect(pipe, rows: pd.DataFrame, study: BoxRuleStudy, data_root: Path | Non
     """Detections + per-box malignancy (the shipped classifier, temperature-scaled) for every photo."""
     meta = pipe.metadata["models"]
     tag = f"{meta['detector']['sha256'][:12]}_{len(rows)}"
-    classified = cache_dir / f"photos_{tag}_{meta['classifier']['sha256'][:12]}.pkl"
+    classified = cache_dir / f"photos_{tag}_{meta['classifier']['sha256'][:12]}{merge_tag(pipe.settings)}.pkl"
     if classified.exists():  # re-deciding with other candidates costs no network run
         return pickle.loads(classified.read_bytes())
-    dets = _raw_detections(pipe, rows, study, data_root, cache_dir / f"det_{tag}.pkl")
+    dets = validation_detections(pipe, rows, data_root, study)
     photos = []
     for d in tqdm(dets, desc="classify detections"):
         if len(d["boxes"]):

@@ -44,7 +44,7 @@ from lesiontriage.errors import ModelError
 from lesiontriage.hybrid import HybridRule, largest_box_fraction
 from lesiontriage.paths import MODELS_DIR, RUNS_DIR
 from lesiontriage.pipeline import _to_tensor
-from lesiontriage.train.box_rule import BoxRuleStudy, _load, collect, stratum_aucs
+from lesiontriage.train.box_rule import BoxRuleStudy, _load, collect, merge_tag, stratum_aucs, validation_detections
 from lesiontriage.train.tiers import validation_images
 from lesiontriage.weights import read_metadata, write_metadata
 
@@ -216,7 +216,7 @@ def _closeups(pipe, rows: pd.DataFrame, data_root: Path | None, cache: Path) -> 
     """The box-rule study's cached detections + the two whole-frame views and image size per photo."""
     study = BoxRuleStudy()
     photos = collect(pipe, rows, study, data_root, RUNS_DIR / "box_rule")
-    dets = pickle.loads(next((RUNS_DIR / "box_rule").glob(f"det_{pipe.metadata['models']['detector']['sha256'][:12]}_{len(rows)}.pkl")).read_bytes())
+    dets = validation_detections(pipe, rows, data_root, study)
     if cache.exists():
         extra = pickle.loads(cache.read_bytes())
     else:
@@ -265,7 +265,7 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
     if np.isfinite(gate) and (weight or frame_weight):
         hard_macro = float(table[(table["whole_image_weight"] == weight) & (table["full_frame_weight"] == frame_weight)]["macro"].iloc[0])
         clf_tag = f"{sha['classifier']['sha256'][:12]}_tta{int(pipe.settings.flip_tta)}_{pipe.settings.flip_tta_max_crops}"
-        scenes = _scene_views(pipe, study, RUNS_DIR / "hybrid" / f"scenes_{tag}_{clf_tag}.pkl")
+        scenes = _scene_views(pipe, study, RUNS_DIR / "hybrid" / f"scenes_{tag}_{clf_tag}{merge_tag(pipe.settings)}.pkl")
         ramp_tables = {r: score_table(photos, pairs, gate, study.aggregate, r) for r in study.ramps}
         best = {r: t.loc[t["macro"].idxmax()] for r, t in ramp_tables.items()}
         scene_aucs = {r: scene_auc(HybridRule(float(b["whole_image_weight"]), gate, float(b["full_frame_weight"]), r), scenes,

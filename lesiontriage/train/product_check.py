@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from lesiontriage.box_selection import select_boxes
 from lesiontriage.data.manifest import load_manifest
 from lesiontriage.paths import MODELS_DIR, RUNS_DIR
-from lesiontriage.train.box_rule import BoxRuleStudy, _load, stratum_aucs
+from lesiontriage.train.box_rule import BoxRuleStudy, _load, stratum_aucs, validation_detections
 from lesiontriage.train.hybrid import CloseUp, HybridStudy, _closeups, score_table, weight_pairs
 from lesiontriage.train.tiers import validation_images
 
@@ -101,7 +101,7 @@ def check_run(config_path: str, models_dir: Path = MODELS_DIR, manifest_path: Pa
     meta = pipe.metadata["models"]
     tag = f"{meta['detector']['sha256'][:12]}_{meta['image_classifier']['sha256'][:12]}_{len(rows)}"
     base = _closeups(pipe, rows, data_root, RUNS_DIR / "hybrid" / f"whole_{tag}.pkl")
-    dets = pickle.loads((RUNS_DIR / "box_rule" / f"det_{meta['detector']['sha256'][:12]}_{len(rows)}.pkl").read_bytes())
+    dets = validation_detections(pipe, rows, data_root)
     results = [product_score("shipped", base, pipe.settings, temperature=float(pipe.clf_meta.get("temperature", 1.0)))]
     trainer = ClassifierTrainer.__new__(ClassifierTrainer)  # its validation crops, without building a model
     ClassifierTrainer.__init__(trainer, cfg, manifest_path=manifest_path, data_root=data_root)

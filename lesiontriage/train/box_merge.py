@@ -1,0 +1,242 @@
+"""Choose the lobe-merging rule (``pipeline.merge_score`` / ``merge_iou``) on validation photos, never test.
+
+Why: on dermoscopy close-ups the detector often boxes a large lesion as two or three overlapping
+lobes; none of them has IoU >= 0.5 with the lesion, which costs mAP@0.5, and each lobe is classified
+from a crop that shows only part of the lesion. :func:`lesiontriage.box_selection.merge_overlapping`
+replaces overlapping confident detections by their union. Merging must not fuse neighbouring moles
+on a back photo, nor make the malignancy scores worse, so ``lesiontriage train box-merge`` scores
+every candidate (merge score x link IoU) on three validation sets:
+
+1. detection: HAM10000 validation photos, one per lesion, *excluding* the lesions whose photos the
+   evaluation reports as the held-out dermoscopy boxes (``evaluate.run.ham_detection_rows``):
+   COCO mAP@0.5 and mAP@[.5:.95] of the merged detections;
+2. wide-field: the real validation mole photos and the synthetic validation scenes: recall at
+   IoU > 0, one-to-one recall at IoU >= 0.5 and the number of kept boxes;
+3. malignancy: the ``train box-rule`` validation photos (labelled, every source; HAM10000 also
+   squashed to the ISIC 2018 test look): macro ROC AUC over source x modality strata of the mean
+   lesion probability over the kept boxes (union boxes are classified here).
+
+A candidate replaces "off" only if it gains >= ``min_map_gain`` mAP@0.5 while losing at most
+``recall_tolerance`` recall on either wide-field set and ``auc_tolerance`` macro AUC; the best mAP@0.5
+among those wins. The choice and the full table go to ``models/metadata.json``
+(``pipeline.box_merge_choice``). Run ``train box-rule``, ``train hybrid`` and ``train tiers`` afterwards:
+they score the lesions this rule produces.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import pickle
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from lesiontriage.aggregation import aggregate
+from lesiontriage.box_selection import MAX_LESIONS, merge_overlapping, select_boxes
+from lesiontriage.data.manifest import load_manifest, manifest_hash, resolve_path
+from lesiontriage.evaluate.detection import coco_map, recall_at_iou
+from lesiontriage.paths import MODELS_DIR, RUNS_DIR
+from lesiontriage.train.box_rule import BoxRuleStudy, _load, _raw_detections, stratum_aucs
+from lesiontriage.train.tiers import validation_images
+from lesiontriage.weights import read_metadata, write_metadata
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BoxMergeStudy:
+    """Candidates and the decision criterion."""
+
+    merge_scores: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+    merge_ious: tuple[float, ...] = (0.0, 0.1, 0.2)
+    ham_photos: int = 300  # HAM10000 validation photos (one per lesion, disjoint from the evaluation's sample)
+    eval_ham_cap: int = 150  # the evaluation's HAM10000 sample (EvalSettings.ham_detection_max) ...
+    eval_seed: int = 0  # ... and its seed: these lesions are excluded here
+    seed: int = 0
+    score_threshold: float = 0.5  # the shipped detector_score_threshold
+    max_lesions: int = MAX_LESIONS
+    min_map_gain: float = 0.01
+    recall_tolerance: float = 0.005
+    auc_tolerance: float = 0.005
+
+
+@dataclass
+class DetectedPhoto:
+    """One validation photo's raw detections (original-image pixels) and ground-truth boxes."""
+
+    kind: str  # "ham10000" | "moles" | "scenes"
+    gt: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+
+
+def ham_rows(manifest: pd.DataFrame, study: BoxMergeStudy) -> pd.DataFrame:
+    """HAM10000 validation photos, one per lesion, none of the evaluation's held-out-box lesions."""
+    from lesiontriage.evaluate.run import ham_detection_rows
+
+    held_out = set(ham_detection_rows(manifest, study.eval_ham_cap, study.eval_seed)["lesion_id"])
+    ham = manifest[(manifest["source"] == "ham10000") & (manifest["split"] == "val") & ~manifest["lesion_id"].isin(held_out)]
+    ham = ham.sample(frac=1.0, random_state=study.seed).drop_duplicates("lesion_id")
+    return ham.head(study.ham_photos).sort_index()
+
+
+def _boxes(value: Any) -> np.ndarray:
+    return np.asarray([list(b) for b in value] if value is not None else [], dtype=np.float64).reshape(-1, 4)
+
+
+def detection_photos(pipe, manifest: pd.DataFrame, study: BoxMergeStudy, data_root: Path | None, cache: Path
+                     ) -> list[DetectedPhoto]:
+    """Raw detections of the three detection sets; cached per detector (the slow part)."""
+    if cache.exists():
+        return pickle.loads(cache.read_bytes())
+    jobs: list[tuple[str, Path, np.ndarray]] = []
+    for _, r in ham_rows(manifest, study).iterrows():
+        jobs.append(("ham10000", resolve_path(r["path"], data_root), _boxes(r["boxes"])))
+    moles = manifest[(manifest["modality"] == "widefield") & (manifest["split"] == "val")]
+    for _, r in moles.iterrows():
+        jobs.append(("moles", resolve_path(r["path"], data_root), _boxes(r["boxes"])))
+    scene_dir = RUNS_DIR / "scenes" / "val"
+    if (scene_dir / "scenes.parquet").is_file():
+        for _, r in pd.read_parquet(scene_dir / "scenes.parquet").iterrows():
+            jobs.append(("scenes", scene_dir / str(r["path"]), _boxes(r["boxes"])))
+    else:
+        log.warning("no validation scenes in %s (run `lesiontriage train hybrid` first): wide-field check on real photos only",
+                    scene_dir)
+    out = []
+    for kind, path, gt in tqdm(jobs, desc="detect validation photos"):
+        img = pipe.load(path)
+        boxes, scores = pipe.detect_raw(img.rgb)
+        out.append(DetectedPhoto(kind, gt, boxes / float(img.scale), scores))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_bytes(pickle.dumps(out))
+    return out
+
+
+def detection_scores(photos: list[DetectedPhoto], merge_score: float, merge_iou: float, study: BoxMergeStudy
+                     ) -> dict[str, float]:
+    """mAP on the HAM10000 photos and recall / box counts on the wide-field ones under one rule."""
+    rec: dict[str, float] = {}
+    merged = [merge_overlapping(p.boxes, p.scores, merge_score, merge_iou) for p in photos]
+    ham = [i for i, p in enumerate(photos) if p.kind == "ham10000"]
+    if ham:
+        m = coco_map([photos[i].gt for i in ham], [merged[i][0] for i in ham], [merged[i][1] for i in ham])
+        rec.update(ham_map50=m["map50"], ham_map50_95=m["map50_95"])
+    for kind in ("moles", "scenes"):
+        idx = [i for i, p in enumerate(photos) if p.kind == kind]
+        if not idx:
+            continue
+        kept = []
+        for i in idx:
+            b, s = merged[i]
+            keep = select_boxes(b, s, study.score_threshold, study.max_lesions)
+            kept.append((b[keep], s[keep]))
+        gt = [photos[i].gt for i in idx]
+        rec[f"{kind}_recall_iou0"] = recall_at_iou(gt, [k[0] for k in kept], [k[1] for k in kept], 0.0).recall
+        rec[f"{kind}_recall_iou50"] = recall_at_iou(gt, [k[0] for k in kept], [k[1] for k in kept], 0.5, one_to_one=True).recall
+        rec[f"{kind}_kept_per_photo"] = float(np.mean([len(k[1]) for k in kept]))
+    return rec
+
+
+class UnionClassifier:
+    """Malignancy of the box-rule validation photos' boxes, classifying union boxes on demand (cached)."""
+
+    def __init__(self, pipe, data_root: Path | None, cache: Path) -> None:
+        self.pipe, self.data_root, self.cache = pipe, data_root, cache
+        self.known: dict[tuple, float] = pickle.loads(cache.read_bytes()) if cache.exists() else {}
+
+    def p(self, det: dict[str, Any], boxes: np.ndarray) -> np.ndarray:
+        keys = [(det["path"], det["squash"], *np.round(b, 2).tolist()) for b in boxes]
+        todo = [i for i, k in enumerate(keys) if k not in self.known]
+        if todo:
+            rgb = _load(self.pipe, pd.Series({"path": det["path"]}), det["squash"], self.data_root).rgb
+            batch = self.pipe._crop_batch(rgb, np.asarray(boxes)[todo], self.pipe.classifier.config)
+            p = self.pipe.classify(batch, tta=self.pipe.settings.tta_for(len(boxes)))[0]
+            self.known.update({keys[i]: float(v) for i, v in zip(todo, p)})
+        return np.asarray([self.known[k] for k in keys], dtype=np.float64)
+
+    def save(self) -> None:
+        self.cache.parent.mkdir(parents=True, exist_ok=True)
+        self.cache.write_bytes(pickle.dumps(self.known))
+
+
+def malignancy_macro(dets: list[dict[str, Any]], clf: UnionClassifier, merge_score: float, merge_iou: float,
+                     study: BoxMergeStudy, nested_containment: float) -> float:
+    """Macro AUC over strata of the mean malignancy of the kept (merged) boxes: the two-stage score alone."""
+    recs = []
+    for d in dets:
+        b, s = merge_overlapping(d["boxes"], d["scores"], merge_score, merge_iou)
+        keep = select_boxes(b, s, study.score_threshold, study.max_lesions, nested_containment)
+        p = clf.p(d, b[keep]) if len(keep) else np.zeros(0)
+        recs.append({"stratum": d["stratum"], "y": d["y"], "score": aggregate(p, "mean")})
+    return float(np.mean(list(stratum_aucs(pd.DataFrame(recs)).values())))
+
+
+def choose(table: pd.DataFrame, study: BoxMergeStudy) -> tuple[float, float]:
+    """(merge_score, merge_iou): the best mAP@0.5 among candidates that keep wide-field recall and
+    malignancy AUC within tolerance, if it gains ``min_map_gain`` over off; else (0, 0)."""
+    off = table[table["merge_score"] == 0.0].iloc[0]
+    ok = table["ham_map50"] - off["ham_map50"] >= study.min_map_gain
+    for kind in ("moles", "scenes"):
+        col = f"{kind}_recall_iou0"
+        if col in table:
+            ok &= table[col] >= off[col] - study.recall_tolerance
+    ok &= table["macro_auc"] >= off["macro_auc"] - study.auc_tolerance
+    cand = table[ok & (table["merge_score"] > 0)]
+    if cand.empty:
+        return 0.0, 0.0
+    best = cand.sort_values(["ham_map50", "merge_score"], ascending=[False, False]).iloc[0]
+    return float(best["merge_score"]), float(best["merge_iou"])
+
+
+def choose_box_merge(models_dir: Path = MODELS_DIR, manifest_path: Path | None = None, data_root: Path | None = None,
+                     study: BoxMergeStudy | None = None, command: str = "") -> dict[str, Any]:
+    """Run the study and store the chosen rule in metadata.json; returns the decision record."""
+    from lesiontriage.pipeline import TriagePipeline
+
+    study = study or BoxMergeStudy()
+    manifest = load_manifest(manifest_path)
+    pipe = TriagePipeline.from_dir(models_dir, load_image_classifier=False)
+    meta = read_metadata(models_dir)
+    det_sha, clf_sha = (meta["models"][k]["sha256"][:12] for k in ("detector", "classifier"))
+    out_dir = RUNS_DIR / "box_merge"
+    photos = detection_photos(pipe, manifest, study, data_root, out_dir / f"det_{det_sha}_{study.ham_photos}_{study.seed}.pkl")
+    rows = validation_images(manifest, BoxRuleStudy().targets)
+    rule_study = BoxRuleStudy(score_threshold=study.score_threshold, max_lesions=study.max_lesions)
+    dets = _raw_detections(pipe, rows, rule_study, data_root, RUNS_DIR / "box_rule" / f"det_{det_sha}_{len(rows)}.pkl")
+    clf = UnionClassifier(pipe, data_root, out_dir / f"p_{det_sha}_{clf_sha}_tta{int(pipe.settings.flip_tta)}.pkl")
+    nested = float(pipe.settings.nested_containment)
+    table = []
+    grid = [(0.0, 0.0)] + [(s, i) for s in study.merge_scores for i in study.merge_ious]
+    for merge_score, merge_iou in tqdm(grid, desc="merge candidates"):
+        rec: dict[str, Any] = {"merge_score": merge_score, "merge_iou": merge_iou}
+        rec.update(detection_scores(photos, merge_score, merge_iou, study))
+        rec["macro_auc"] = malignancy_macro(dets, clf, merge_score, merge_iou, study, nested)
+        table.append(rec)
+    clf.save()
+    table_df = pd.DataFrame(table)
+    merge_score, merge_iou = choose(table_df, study)
+    counts = {k: sum(1 for p in photos if p.kind == k) for k in ("ham10000", "moles", "scenes")}
+    record = {
+        "merge_score": merge_score,
+        "merge_iou": merge_iou,
+        "criterion": (f"best HAM10000 validation mAP@0.5 with a gain >= {study.min_map_gain} over off, wide-field recall "
+                      f"(IoU > 0) within {study.recall_tolerance} and malignancy macro AUC within {study.auc_tolerance}"),
+        "chosen_on": (f"validation: {counts['ham10000']} HAM10000 photos (one per lesion, none of the evaluation's held-out-box "
+                      f"lesions), {counts['moles']} real mole photos, {counts['scenes']} synthetic scenes; malignancy on "
+                      f"{len(rows)} labelled photos + the HAM10000 ones squashed to 224x224"),
+        "table": table_df.round(4).to_dict(orient="records"),
+        "study": asdict(study),
+        "manifest_hash": manifest_hash(manifest),
+        "model_sha256": {k: meta["models"][k]["sha256"] for k in ("detector", "classifier")},
+        "command": command,
+        "date": dt.date.today().isoformat(),
+    }
+    meta.setdefault("pipeline", {})["merge_score"] = merge_score
+    meta["pipeline"]["merge_iou"] = merge_iou
+    meta["pipeline"]["box_merge_choice"] = record
+    write_metadata(models_dir, meta)
+    return record
