@@ -296,7 +296,8 @@ def train(
         record = choose_box_merge(manifest_path=manifest, data_root=data_root, command=command_line())
         for row in record["table"]:
             console.print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        console.print(f"chosen merge_score = {record['merge_score']}, merge_iou = {record['merge_iou']} "
+        console.print(f"chosen merge_score = {record['merge_score']}, merge_iou = {record['merge_iou']}, "
+                      f"merge_min_area = {record['merge_min_area']} "
                       "(run `lesiontriage train box-rule`, `train hybrid` and `train tiers` next)")
         return
     if model == "hybrid":

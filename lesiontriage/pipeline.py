@@ -45,6 +45,7 @@ class PipelineSettings:
     nested_containment: float = 0.0  # box_selection: drop parts of a lesion boxed inside it (0 = off)
     merge_score: float = 0.0  # box_selection: overlapping lobes this confident become their union (0 = off)
     merge_iou: float = 0.0  # box_selection: ... when their IoU exceeds this
+    merge_min_area: float = 0.0  # box_selection: ... and their union covers this fraction of the photo
     default_aggregate: str = "mean"
     flip_tta: bool = False  # lesion classifier: average logits over identity + h-flip + v-flip (chosen on validation)
     # Flip TTA triples the classifier's cost (~30 ms per crop view on the 2-core CPU): a back photo with 77
@@ -165,7 +166,8 @@ class TriagePipeline:
     def box_selection(self) -> BoxSelection:
         """The rule (from metadata.json) that turns raw detections into reported lesions."""
         s = self.settings
-        return BoxSelection(s.detector_score_threshold, s.max_lesions, s.nested_containment, s.merge_score, s.merge_iou)
+        return BoxSelection(s.detector_score_threshold, s.max_lesions, s.nested_containment, s.merge_score, s.merge_iou,
+                            s.merge_min_area)
 
     @property
     def hybrid_rule(self) -> HybridRule:
@@ -195,7 +197,7 @@ class TriagePipeline:
         boxes, scores = self.detect_raw(rgb)
         if self.detector is None:
             return boxes, scores
-        return self.box_selection.apply(boxes, scores)
+        return self.box_selection.apply(boxes, scores, (rgb.shape[1], rgb.shape[0]))
 
     def lesion_probabilities(self, rgb: np.ndarray, boxes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """p_malignant [N] and sub-type probabilities [N, 8] of the configured lesion classifier(s) (the

@@ -114,10 +114,13 @@ def test_overlapping_lobes_merge_into_their_union_but_separate_moles_do_not():
 def test_box_selection_apply_merges_then_selects():
     boxes = np.array([[0, 0, 60, 100], [40, 0, 100, 100], [45, 45, 55, 55]], dtype=float)
     scores = np.array([0.9, 0.8, 0.6])
-    b, s = BoxSelection(0.5, 10, 0.8, merge_score=0.7).apply(boxes, scores)
+    b, s = BoxSelection(0.5, 10, 0.8, merge_score=0.7, merge_min_area=0.5).apply(boxes, scores, (100, 100))
     np.testing.assert_allclose(b, [[0, 0, 100, 100]])  # lobes merged, then the globule inside is suppressed
     assert s.tolist() == pytest.approx([0.9])
     assert len(BoxSelection(0.5, 10, 0.0).apply(boxes, scores)[0]) == 3
+    assert len(BoxSelection(0.5, 10, 0.0, merge_score=0.7, merge_min_area=0.5).apply(boxes, scores, (200, 200))[0]) == 3
+    with pytest.raises(ValueError):
+        BoxSelection(merge_score=0.7, merge_min_area=0.5).apply(boxes, scores)  # the floor needs the photo size
     np.testing.assert_allclose(pairwise_iou(boxes[:2])[0, 1], (20 * 100) / (100 * 100))
 
 
@@ -128,9 +131,10 @@ def _lobed_photos():
 
     lesion = np.array([[10, 10, 210, 140]], float)
     lobes = np.array([[10, 10, 112, 110], [100, 40, 210, 140]], float)  # IoU with the lesion 0.39 and 0.42
-    ham = [DetectedPhoto("ham10000", lesion, lobes, np.array([0.9, 0.85])) for _ in range(5)]
-    moles_gt = np.array([[100, 100, 120, 120], [125, 100, 145, 120]], float)
-    moles = [DetectedPhoto("moles", moles_gt, moles_gt.copy(), np.array([0.9, 0.8]))]
+    ham = [DetectedPhoto("ham10000", lesion, lobes, np.array([0.9, 0.85]), (220, 150)) for _ in range(5)]
+    moles_gt = np.array([[100, 100, 120, 120], [122, 100, 142, 120]], float)
+    touching = np.array([[100, 100, 123, 120], [121, 100, 142, 120]], float)  # the boxes of two neighbours overlap
+    moles = [DetectedPhoto("moles", moles_gt, touching, np.array([0.9, 0.8]), (1000, 800))]
     return ham + moles
 
 
@@ -143,7 +147,11 @@ def test_merge_study_measures_lobes_merged_and_moles_kept():
     assert off["ham_map50"] == pytest.approx(0.0)  # no lobe reaches IoU 0.5
     assert on["ham_map50"] == pytest.approx(1.0, abs=1e-6)  # the union is the lesion
     assert on["moles_recall_iou0"] == off["moles_recall_iou0"] == 1.0
-    assert on["moles_kept_per_photo"] == 2.0  # neighbours that do not overlap stay two lesions
+    assert on["moles_kept_per_photo"] == 1.0  # without an area floor the neighbours are fused ...
+    assert on["moles_map50"] < off["moles_map50"]
+    floor = detection_scores(photos, 0.7, 0.0, study, min_area=0.05)
+    assert floor["moles_kept_per_photo"] == 2.0 and floor["moles_map50"] == off["moles_map50"]  # ... with one, not
+    assert floor["ham_map50"] == pytest.approx(1.0, abs=1e-6)  # while the close-up's lobes still merge
 
 
 def test_merge_choice_needs_map_gain_without_costing_recall_or_auc():
@@ -156,6 +164,11 @@ def test_merge_choice_needs_map_gain_without_costing_recall_or_auc():
         {"merge_score": 0.6, "merge_iou": 0.0, "ham_map50": 0.88, "moles_recall_iou0": 0.94, "scenes_recall_iou0": 0.97, "macro_auc": 0.83},
         {"merge_score": 0.7, "merge_iou": 0.1, "ham_map50": 0.85, "moles_recall_iou0": 0.94, "scenes_recall_iou0": 0.968, "macro_auc": 0.849},
     ])
-    assert choose(table, study) == (0.7, 0.1)  # the two better-mAP rules cost recall / AUC
+    assert choose(table, study) == (0.7, 0.1, 0.0)  # the two better-mAP rules cost recall / AUC
+    tie = pd.concat([table, table.iloc[[3]].assign(merge_min_area=0.05)], ignore_index=True)
+    assert choose(tie, study) == (0.7, 0.1, 0.05)  # equal mAP: the rule with an area floor changes fewer photos
+    table["moles_map50"] = [0.70, 0.70, 0.70, 0.65]
+    assert choose(table, study) == (0.0, 0.0, 0.0)  # ... and now the third costs wide-field mAP
+    table.loc[3, "moles_map50"] = 0.70
     table.loc[3, "ham_map50"] = 0.805  # below min_map_gain: stay off
-    assert choose(table, study) == (0.0, 0.0)
+    assert choose(table, study) == (0.0, 0.0, 0.0)

@@ -530,15 +530,17 @@ def test_lobe_merging_reuses_cached_detections_but_not_their_classification():
     info = ModelInfo({}, {k: k for k in ("classifier", "detector")}, {k: "ok" for k in ("classifier", "detector")})
     item = _labelled_items(1, 0)[0]
     off = stage_tags(info, {"thr": 0.5, "max": 30, "merge": (0.0, 0.0)}, item)
-    on = stage_tags(info, {"thr": 0.5, "max": 30, "merge": (0.7, 0.0)}, item)
+    on = stage_tags(info, {"thr": 0.5, "max": 30, "merge": (0.7, 0.0, 0.0)}, item)
     assert on["det"] == off["det"]  # the cache holds the detector's raw output
     assert on["cls_det"] != off["cls_det"]  # the classified crops are the merged boxes
     det = {"boxes": np.array([[0, 0, 60, 100], [40, 0, 100, 100], [200, 0, 210, 10]], np.float32),
            "scores": np.array([0.9, 0.8, 0.95], np.float32)}
-    merged = merged_detections(det, 0.7, 0.0)
+    merged = merged_detections(det, (0.7, 0.0, 0.0), (300, 200))
     np.testing.assert_allclose(merged["boxes"], [[200, 0, 210, 10], [0, 0, 100, 100]])
     np.testing.assert_allclose(merged["scores"], [0.95, 0.9])
-    assert merged_detections(det, 0.0, 0.0) is det
+    assert merged_detections(det, (0.0, 0.0, 0.0), (300, 200)) is det
+    # a union under the area floor (0.5 of the photo here) stays two boxes
+    assert len(merged_detections(det, (0.7, 0.0, 0.5), (300, 200))["boxes"]) == 3
 
 
 def test_projection_multiplies_per_stage_cpu_by_full_run_stage_counts():

@@ -242,11 +242,16 @@ def test_box_selection_and_flip_tta_follow_the_settings(pipe, photos):
                            settings=dataclasses.replace(pipe.settings, **settings))
         return p
 
-    off = variant(nested_containment=0.0, flip_tta=False).predict(photos[0])
-    on = variant(nested_containment=0.8, flip_tta=False).predict(photos[0])
+    off = variant(nested_containment=0.0, flip_tta=False, merge_score=0.0).predict(photos[0])
+    on = variant(nested_containment=0.8, flip_tta=False, merge_score=0.0).predict(photos[0])
     assert off.n_lesions == 3 and on.n_lesions == 2
     assert [l.detector_score for l in on.lesions] == pytest.approx([0.9, 0.7])
-    tta = variant(nested_containment=0.8, flip_tta=True).predict(photos[0])
+    # lobe merging: the confident overlapping pair becomes its union (here the lesion's own box) ...
+    merged = variant(nested_containment=0.0, flip_tta=False, merge_score=0.75, merge_min_area=0.1).predict(photos[0])
+    assert merged.n_lesions == 2 and merged.lesions[0].box == pytest.approx(on.lesions[0].box, abs=1e-3)
+    # ... unless the union covers less of the photo than the area floor
+    assert variant(nested_containment=0.0, flip_tta=False, merge_score=0.75, merge_min_area=0.5).predict(photos[0]).n_lesions == 3
+    tta = variant(nested_containment=0.8, flip_tta=True, merge_score=0.0).predict(photos[0])
     batch = pipe._crop_batch(pipe.load(photos[0]).rgb, np.array([on.lesions[0].box], np.float32), pipe.classifier.config)
     with torch.inference_mode():
         views = [pipe.classifier(v)[0].float() for v in (batch, batch.flip(-1), batch.flip(-2))]

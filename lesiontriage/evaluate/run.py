@@ -390,16 +390,23 @@ def pipeline_settings(info: ModelInfo):
                                if k in PipelineSettings.__dataclass_fields__})
 
 
-def merged_detections(det: dict[str, Any], merge_score: float, merge_iou: float) -> dict[str, Any]:
+def merged_detections(det: dict[str, Any], merge: tuple[float, float, float], image_size: tuple[int, int] | None
+                      ) -> dict[str, Any]:
     """The detector's raw output as the product sees it: overlapping confident lobes merged into their
     union (``box_selection.merge_overlapping``; the same dict when merging is off). The cache keeps
-    the raw output, so a new merge rule costs no detector run."""
-    if merge_score <= 0:
+    the raw output, so a new merge rule costs no detector run. ``merge`` = (merge_score, merge_iou,
+    merge_min_area); ``image_size`` = (width, height) in the boxes' (original) pixels."""
+    if merge[0] <= 0:
         return det
     from lesiontriage.box_selection import merge_overlapping
 
-    boxes, scores = merge_overlapping(det["boxes"], det["scores"], merge_score, merge_iou)
+    boxes, scores = merge_overlapping(det["boxes"], det["scores"], *merge[:2], image_size, merge[2])
     return {**det, "boxes": boxes, "scores": scores}
+
+
+def merge_rule(ps) -> tuple[float, float, float]:
+    """(merge_score, merge_iou, merge_min_area) of pipeline settings ``ps``."""
+    return float(ps.merge_score), float(ps.merge_iou), float(ps.merge_min_area)
 
 
 def kept_index(scores: np.ndarray, threshold: float, max_lesions: int, boxes: np.ndarray | None = None,
@@ -484,9 +491,9 @@ class Engine:
         return float(self.pipe.settings.nested_containment) if self.pipe else 0.0
 
     @property
-    def merge(self) -> tuple[float, float]:
-        """(merge_score, merge_iou) of the pipeline's lobe merging (0 = off)."""
-        return (float(self.pipe.settings.merge_score), float(self.pipe.settings.merge_iou)) if self.pipe else (0.0, 0.0)
+    def merge(self) -> tuple[float, float, float]:
+        """(merge_score, merge_iou, merge_min_area) of the pipeline's lobe merging (0 = off)."""
+        return merge_rule(self.pipe.settings) if self.pipe else (0.0, 0.0, 0.0)
 
     @property
     def flip_tta(self) -> bool:
@@ -555,7 +562,7 @@ class Engine:
                 out["det"] = det
         if "cls_det" in stages:
             with clock("classify_detected"):
-                mdet = merged_detections(det, *self.merge)
+                mdet = merged_detections(det, self.merge, (img.orig_width, img.orig_height))
                 keep = kept_index(mdet["scores"], self.kept_threshold, self.max_lesions, mdet["boxes"], self.nested_containment)
                 kb = mdet["boxes"][keep] * scale
                 cfg = self.pipe.classifier.config
@@ -700,7 +707,7 @@ class ImageRecord:
 def engine_settings(ps) -> dict[str, Any]:
     """The pipeline settings that change a cached stage's value (part of its cache tag)."""
     return {"thr": ps.detector_score_threshold, "max": ps.max_lesions, "nest": ps.nested_containment, "tta": ps.flip_tta,
-            "tta_max": ps.flip_tta_max_crops, "merge": (float(ps.merge_score), float(ps.merge_iou))}
+            "tta_max": ps.flip_tta_max_crops, "merge": merge_rule(ps)}
 
 
 def stage_tags(info: ModelInfo, engine_settings: dict[str, Any], item: EvalItem) -> dict[str, tuple[str, str]]:
@@ -714,7 +721,7 @@ def stage_tags(info: ModelInfo, engine_settings: dict[str, Any], item: EvalItem)
     tta = f"|tta={TTA_VERSION}" if engine_settings.get("tta", False) else ""  # flip-averaged values changed with v2
     if engine_settings.get("tta", False) and engine_settings.get("tta_max") is not None:
         tta += f"|tta_max={engine_settings['tta_max']}"  # no flips above this many crops (PipelineSettings.tta_for)
-    merge = f"|merge={engine_settings['merge']}" if engine_settings.get("merge", (0.0, 0.0))[0] > 0 else ""
+    merge = f"|merge={engine_settings['merge']}" if engine_settings.get("merge", (0.0,))[0] > 0 else ""
     if cls_ok and det_ok and need_two_stage:
         tags["cls_det"] = (f"{info.sha256['classifier']}|{info.sha256['detector']}|{engine_settings['thr']}|{engine_settings['max']}"
                            f"|{engine_settings.get('nest', 0.0)}|{engine_settings.get('tta', False)}{tta}{merge}", "")
@@ -846,7 +853,7 @@ def run_inference(items: Sequence[EvalItem], info: ModelInfo, settings: EvalSett
     for rec in records:  # tables and detection metrics see the product's detections; the raw ones stay beside them
         if "det" in rec.stages and ps.merge_score > 0:
             rec.stages["det_raw"] = rec.stages["det"]
-            rec.stages["det"] = merged_detections(rec.stages["det"], float(ps.merge_score), float(ps.merge_iou))
+            rec.stages["det"] = merged_detections(rec.stages["det"], merge_rule(ps), rec.size)
     n_err = sum(1 for r in records if r.error)
     if n_err:
         log.warning("evaluate: %d images could not be read (listed with status 'error: ...')", n_err)
@@ -1144,7 +1151,7 @@ def report_context(info: ModelInfo, settings: EvalSettings) -> T.ReportContext:
                            n_boot=settings.n_boot, n_boot_paired=settings.n_boot_paired, n_boot_map=settings.n_boot_map,
                            seed=settings.seed, kept_threshold=float(ps.detector_score_threshold), max_kept=int(ps.max_lesions),
                            nested_containment=float(ps.nested_containment),
-                           merge=(float(ps.merge_score), float(ps.merge_iou)))
+                           merge=merge_rule(ps))
 
 
 def detection_sets(records: Sequence[ImageRecord]) -> tuple[dict[str, T.DetectionSet], dict[str, T.DetectionSet]]:

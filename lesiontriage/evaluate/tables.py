@@ -631,7 +631,7 @@ class ReportContext:
     kept_threshold: float = 0.5
     max_kept: int | None = MAX_LESIONS
     nested_containment: float = 0.0  # the pipeline's box selection (metadata pipeline.nested_containment)
-    merge: tuple[float, float] = (0.0, 0.0)  # the pipeline's lobe merging (merge_score, merge_iou; 0 = off)
+    merge: tuple[float, float, float] = (0.0, 0.0, 0.0)  # lobe merging (merge_score, merge_iou, merge_min_area; 0 = off)
 
     def ok(self, key: str) -> bool:
         return self.status.get(key) == "ok"

@@ -5,20 +5,27 @@ lobes; none of them has IoU >= 0.5 with the lesion, which costs mAP@0.5, and eac
 from a crop that shows only part of the lesion. :func:`lesiontriage.box_selection.merge_overlapping`
 replaces overlapping confident detections by their union. Merging must not fuse neighbouring moles
 on a back photo, nor make the malignancy scores worse, so ``lesiontriage train box-merge`` scores
-every candidate (merge score x link IoU) on three validation sets:
+every candidate (merge score x link IoU x smallest union, as a fraction of the photo) on three
+validation sets:
 
 1. detection: HAM10000 validation photos, one per lesion, *excluding* the lesions whose photos the
    evaluation reports as the held-out dermoscopy boxes (``evaluate.run.ham_detection_rows``):
    COCO mAP@0.5 and mAP@[.5:.95] of the merged detections;
-2. wide-field: the real validation mole photos and the synthetic validation scenes: recall at
-   IoU > 0, one-to-one recall at IoU >= 0.5 and the number of kept boxes;
+2. guarded sets (``GUARDED_SETS``): the real validation mole photos, the synthetic validation scenes
+   and the PAD-UFES-20 validation smartphone photos: recall at IoU > 0, one-to-one recall at
+   IoU >= 0.5, mAP@0.5 and the number of kept boxes;
 3. malignancy: the ``train box-rule`` validation photos (labelled, every source; HAM10000 also
    squashed to the ISIC 2018 test look): macro ROC AUC over source x modality strata of the mean
    lesion probability over the kept boxes (union boxes are classified here).
 
 A candidate replaces "off" only if it gains >= ``min_map_gain`` mAP@0.5 while losing at most
-``recall_tolerance`` recall on either wide-field set and ``auc_tolerance`` macro AUC; the best mAP@0.5
-among those wins. The choice and the full table go to ``models/metadata.json``
+``recall_tolerance`` recall and ``widefield_map_tolerance`` mAP@0.5 on any guarded set and
+``auc_tolerance`` macro AUC; the best mAP@0.5 among those wins, and at equal mAP the most conservative
+rule (largest area floor, then highest score). The area floor and the mAP guards were added after
+the first merge rule, without a floor, cost the real mole *test* photos 0.04 mAP@0.5 (neighbouring
+moles whose boxes touch were fused; the validation mole photos had not shown it) and PAD-UFES-20's
+test photos 0.035.
+The choice and the full table go to ``models/metadata.json``
 (``pipeline.box_merge_choice``). Run ``train box-rule``, ``train hybrid`` and ``train tiers`` afterwards:
 they score the lesions this rule produces.
 """
@@ -40,11 +47,17 @@ from lesiontriage.box_selection import MAX_LESIONS, merge_overlapping, select_bo
 from lesiontriage.data.manifest import load_manifest, manifest_hash, resolve_path
 from lesiontriage.evaluate.detection import coco_map, recall_at_iou
 from lesiontriage.paths import MODELS_DIR, RUNS_DIR
-from lesiontriage.train.box_rule import BoxRuleStudy, _load, _raw_detections, stratum_aucs
+from lesiontriage.train.box_rule import BoxRuleStudy, _load, photo_sizes, stratum_aucs, validation_detections
 from lesiontriage.train.tiers import validation_images
 from lesiontriage.weights import read_metadata, write_metadata
 
 log = logging.getLogger(__name__)
+
+
+# Validation sets whose detection quality merging must not lower: the real and synthetic wide-field
+# photos (neighbouring moles) and the smartphone close-ups of PAD-UFES-20 (its boxes come from masks;
+# the first merge rule cost its test photos 0.035 mAP@0.5).
+GUARDED_SETS = ("moles", "scenes", "pad_ufes20")
 
 
 @dataclass
@@ -53,6 +66,7 @@ class BoxMergeStudy:
 
     merge_scores: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
     merge_ious: tuple[float, ...] = (0.0, 0.1, 0.2)
+    merge_min_areas: tuple[float, ...] = (0.0, 0.01, 0.05)  # smallest union, as a fraction of the photo
     ham_photos: int = 300  # HAM10000 validation photos (one per lesion, disjoint from the evaluation's sample)
     eval_ham_cap: int = 150  # the evaluation's HAM10000 sample (EvalSettings.ham_detection_max) ...
     eval_seed: int = 0  # ... and its seed: these lesions are excluded here
@@ -61,6 +75,7 @@ class BoxMergeStudy:
     max_lesions: int = MAX_LESIONS
     min_map_gain: float = 0.01
     recall_tolerance: float = 0.005
+    widefield_map_tolerance: float = 0.005
     auc_tolerance: float = 0.005
 
 
@@ -68,10 +83,11 @@ class BoxMergeStudy:
 class DetectedPhoto:
     """One validation photo's raw detections (original-image pixels) and ground-truth boxes."""
 
-    kind: str  # "ham10000" | "moles" | "scenes"
+    kind: str  # "ham10000" or one of GUARDED_SETS
     gt: np.ndarray
     boxes: np.ndarray
     scores: np.ndarray
+    size: tuple[int, int]  # (width, height), original pixels
 
 
 def ham_rows(manifest: pd.DataFrame, study: BoxMergeStudy) -> pd.DataFrame:
@@ -99,6 +115,10 @@ def detection_photos(pipe, manifest: pd.DataFrame, study: BoxMergeStudy, data_ro
     moles = manifest[(manifest["modality"] == "widefield") & (manifest["split"] == "val")]
     for _, r in moles.iterrows():
         jobs.append(("moles", resolve_path(r["path"], data_root), _boxes(r["boxes"])))
+    pad = manifest[(manifest["source"] == "pad_ufes20_subset") & (manifest["split"] == "val")]
+    for _, r in pad.iterrows():
+        if len(_boxes(r["boxes"])):
+            jobs.append(("pad_ufes20", resolve_path(r["path"], data_root), _boxes(r["boxes"])))
     scene_dir = RUNS_DIR / "scenes" / "val"
     if (scene_dir / "scenes.parquet").is_file():
         for _, r in pd.read_parquet(scene_dir / "scenes.parquet").iterrows():
@@ -110,22 +130,22 @@ def detection_photos(pipe, manifest: pd.DataFrame, study: BoxMergeStudy, data_ro
     for kind, path, gt in tqdm(jobs, desc="detect validation photos"):
         img = pipe.load(path)
         boxes, scores = pipe.detect_raw(img.rgb)
-        out.append(DetectedPhoto(kind, gt, boxes / float(img.scale), scores))
+        out.append(DetectedPhoto(kind, gt, boxes / float(img.scale), scores, (int(img.orig_width), int(img.orig_height))))
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_bytes(pickle.dumps(out))
     return out
 
 
-def detection_scores(photos: list[DetectedPhoto], merge_score: float, merge_iou: float, study: BoxMergeStudy
-                     ) -> dict[str, float]:
-    """mAP on the HAM10000 photos and recall / box counts on the wide-field ones under one rule."""
+def detection_scores(photos: list[DetectedPhoto], merge_score: float, merge_iou: float, study: BoxMergeStudy,
+                     min_area: float = 0.0) -> dict[str, float]:
+    """mAP on the HAM10000 photos and recall / mAP / box counts on the wide-field ones under one rule."""
     rec: dict[str, float] = {}
-    merged = [merge_overlapping(p.boxes, p.scores, merge_score, merge_iou) for p in photos]
+    merged = [merge_overlapping(p.boxes, p.scores, merge_score, merge_iou, p.size, min_area) for p in photos]
     ham = [i for i, p in enumerate(photos) if p.kind == "ham10000"]
     if ham:
         m = coco_map([photos[i].gt for i in ham], [merged[i][0] for i in ham], [merged[i][1] for i in ham])
         rec.update(ham_map50=m["map50"], ham_map50_95=m["map50_95"])
-    for kind in ("moles", "scenes"):
+    for kind in GUARDED_SETS:
         idx = [i for i, p in enumerate(photos) if p.kind == kind]
         if not idx:
             continue
@@ -135,6 +155,7 @@ def detection_scores(photos: list[DetectedPhoto], merge_score: float, merge_iou:
             keep = select_boxes(b, s, study.score_threshold, study.max_lesions)
             kept.append((b[keep], s[keep]))
         gt = [photos[i].gt for i in idx]
+        rec[f"{kind}_map50"] = coco_map(gt, [merged[i][0] for i in idx], [merged[i][1] for i in idx])["map50"]
         rec[f"{kind}_recall_iou0"] = recall_at_iou(gt, [k[0] for k in kept], [k[1] for k in kept], 0.0).recall
         rec[f"{kind}_recall_iou50"] = recall_at_iou(gt, [k[0] for k in kept], [k[1] for k in kept], 0.5, one_to_one=True).recall
         rec[f"{kind}_kept_per_photo"] = float(np.mean([len(k[1]) for k in kept]))
@@ -163,33 +184,40 @@ class UnionClassifier:
         self.cache.write_bytes(pickle.dumps(self.known))
 
 
-def malignancy_macro(dets: list[dict[str, Any]], clf: UnionClassifier, merge_score: float, merge_iou: float,
-                     study: BoxMergeStudy, nested_containment: float) -> float:
+def malignancy_macro(dets: list[dict[str, Any]], sizes: list[tuple[int, int]], clf: UnionClassifier, merge_score: float,
+                     merge_iou: float, min_area: float, study: BoxMergeStudy, nested_containment: float) -> float:
     """Macro AUC over strata of the mean malignancy of the kept (merged) boxes: the two-stage score alone."""
     recs = []
-    for d in dets:
-        b, s = merge_overlapping(d["boxes"], d["scores"], merge_score, merge_iou)
+    for d, size in zip(dets, sizes):
+        b, s = merge_overlapping(d["boxes"], d["scores"], merge_score, merge_iou, size, min_area)
         keep = select_boxes(b, s, study.score_threshold, study.max_lesions, nested_containment)
         p = clf.p(d, b[keep]) if len(keep) else np.zeros(0)
         recs.append({"stratum": d["stratum"], "y": d["y"], "score": aggregate(p, "mean")})
     return float(np.mean(list(stratum_aucs(pd.DataFrame(recs)).values())))
 
 
-def choose(table: pd.DataFrame, study: BoxMergeStudy) -> tuple[float, float]:
-    """(merge_score, merge_iou): the best mAP@0.5 among candidates that keep wide-field recall and
-    malignancy AUC within tolerance, if it gains ``min_map_gain`` over off; else (0, 0)."""
+def choose(table: pd.DataFrame, study: BoxMergeStudy) -> tuple[float, float, float]:
+    """(merge_score, merge_iou, merge_min_area): the best mAP@0.5 among candidates that keep wide-field
+    recall, wide-field mAP@0.5 and malignancy AUC within tolerance, if it gains ``min_map_gain`` over
+    off; else (0, 0, 0)."""
     off = table[table["merge_score"] == 0.0].iloc[0]
     ok = table["ham_map50"] - off["ham_map50"] >= study.min_map_gain
-    for kind in ("moles", "scenes"):
+    for kind in GUARDED_SETS:
         col = f"{kind}_recall_iou0"
         if col in table:
             ok &= table[col] >= off[col] - study.recall_tolerance
+        col = f"{kind}_map50"
+        if col in table:
+            ok &= table[col] >= off[col] - study.widefield_map_tolerance
     ok &= table["macro_auc"] >= off["macro_auc"] - study.auc_tolerance
     cand = table[ok & (table["merge_score"] > 0)]
     if cand.empty:
-        return 0.0, 0.0
-    best = cand.sort_values(["ham_map50", "merge_score"], ascending=[False, False]).iloc[0]
-    return float(best["merge_score"]), float(best["merge_iou"])
+        return 0.0, 0.0, 0.0
+    # ties (the same mAP) go to the most conservative rule: the largest area floor, then the highest score
+    if "merge_min_area" not in cand:
+        cand = cand.assign(merge_min_area=0.0)
+    best = cand.sort_values(["ham_map50", "merge_min_area", "merge_score"], ascending=[False, False, False]).iloc[0]
+    return float(best["merge_score"]), float(best["merge_iou"]), float(best.get("merge_min_area", 0.0))
 
 
 def choose_box_merge(models_dir: Path = MODELS_DIR, manifest_path: Path | None = None, data_root: Path | None = None,
@@ -203,30 +231,34 @@ def choose_box_merge(models_dir: Path = MODELS_DIR, manifest_path: Path | None =
     meta = read_metadata(models_dir)
     det_sha, clf_sha = (meta["models"][k]["sha256"][:12] for k in ("detector", "classifier"))
     out_dir = RUNS_DIR / "box_merge"
-    photos = detection_photos(pipe, manifest, study, data_root, out_dir / f"det_{det_sha}_{study.ham_photos}_{study.seed}.pkl")
+    photos = detection_photos(pipe, manifest, study, data_root, out_dir / f"det_{det_sha}_{study.ham_photos}_{study.seed}_v3.pkl")
     rows = validation_images(manifest, BoxRuleStudy().targets)
     rule_study = BoxRuleStudy(score_threshold=study.score_threshold, max_lesions=study.max_lesions)
-    dets = _raw_detections(pipe, rows, rule_study, data_root, RUNS_DIR / "box_rule" / f"det_{det_sha}_{len(rows)}.pkl")
+    dets = validation_detections(pipe, rows, data_root, rule_study, merged=False)
+    sizes = photo_sizes(pipe, dets, data_root, RUNS_DIR / "box_rule" / f"sizes_{len(rows)}.pkl")
     clf = UnionClassifier(pipe, data_root, out_dir / f"p_{det_sha}_{clf_sha}_tta{int(pipe.settings.flip_tta)}.pkl")
     nested = float(pipe.settings.nested_containment)
     table = []
-    grid = [(0.0, 0.0)] + [(s, i) for s in study.merge_scores for i in study.merge_ious]
-    for merge_score, merge_iou in tqdm(grid, desc="merge candidates"):
-        rec: dict[str, Any] = {"merge_score": merge_score, "merge_iou": merge_iou}
-        rec.update(detection_scores(photos, merge_score, merge_iou, study))
-        rec["macro_auc"] = malignancy_macro(dets, clf, merge_score, merge_iou, study, nested)
+    grid = [(0.0, 0.0, 0.0)] + [(s, i, a) for s in study.merge_scores for i in study.merge_ious for a in study.merge_min_areas]
+    for merge_score, merge_iou, min_area in tqdm(grid, desc="merge candidates"):
+        rec: dict[str, Any] = {"merge_score": merge_score, "merge_iou": merge_iou, "merge_min_area": min_area}
+        rec.update(detection_scores(photos, merge_score, merge_iou, study, min_area))
+        rec["macro_auc"] = malignancy_macro(dets, sizes, clf, merge_score, merge_iou, min_area, study, nested)
         table.append(rec)
     clf.save()
     table_df = pd.DataFrame(table)
-    merge_score, merge_iou = choose(table_df, study)
-    counts = {k: sum(1 for p in photos if p.kind == k) for k in ("ham10000", "moles", "scenes")}
+    merge_score, merge_iou, min_area = choose(table_df, study)
+    counts = {k: sum(1 for p in photos if p.kind == k) for k in ("ham10000", *GUARDED_SETS)}
     record = {
         "merge_score": merge_score,
         "merge_iou": merge_iou,
+        "merge_min_area": min_area,
         "criterion": (f"best HAM10000 validation mAP@0.5 with a gain >= {study.min_map_gain} over off, wide-field recall "
-                      f"(IoU > 0) within {study.recall_tolerance} and malignancy macro AUC within {study.auc_tolerance}"),
+                      f"(IoU > 0) within {study.recall_tolerance}, wide-field mAP@0.5 within {study.widefield_map_tolerance} "
+                      f"and malignancy macro AUC within {study.auc_tolerance}"),
         "chosen_on": (f"validation: {counts['ham10000']} HAM10000 photos (one per lesion, none of the evaluation's held-out-box "
-                      f"lesions), {counts['moles']} real mole photos, {counts['scenes']} synthetic scenes; malignancy on "
+                      f"lesions), {counts['moles']} real mole photos, {counts['scenes']} synthetic scenes, {counts['pad_ufes20']} "
+                      f"PAD-UFES-20 smartphone photos; malignancy on "
                       f"{len(rows)} labelled photos + the HAM10000 ones squashed to 224x224"),
         "table": table_df.round(4).to_dict(orient="records"),
         "study": asdict(study),
@@ -237,6 +269,7 @@ def choose_box_merge(models_dir: Path = MODELS_DIR, manifest_path: Path | None =
     }
     meta.setdefault("pipeline", {})["merge_score"] = merge_score
     meta["pipeline"]["merge_iou"] = merge_iou
+    meta["pipeline"]["merge_min_area"] = min_area
     meta["pipeline"]["box_merge_choice"] = record
     write_metadata(models_dir, meta)
     return record

@@ -93,16 +93,32 @@ def validation_detections(pipe, rows: pd.DataFrame, data_root: Path | None, stud
     dets = _raw_detections(pipe, rows, study, data_root, RUNS_DIR / "box_rule" / f"det_{tag}.pkl")
     if not merged:
         return dets
+    sizes = photo_sizes(pipe, dets, data_root, RUNS_DIR / "box_rule" / f"sizes_{len(rows)}.pkl")
     out = []
-    for d in dets:
-        boxes, scores = pipe.box_selection.merge(d["boxes"], d["scores"])
+    for d, size in zip(dets, sizes):
+        boxes, scores = pipe.box_selection.merge(d["boxes"], d["scores"], size)
         out.append({**d, "boxes": boxes, "scores": scores})
     return out
 
 
+def photo_sizes(pipe, dets: list[dict[str, Any]], data_root: Path | None, cache: Path) -> list[tuple[int, int]]:
+    """(width, height) of each validation photo as the detector saw it (the boxes' pixels); cached."""
+    known: dict[tuple[str, bool], tuple[int, int]] = pickle.loads(cache.read_bytes()) if cache.exists() else {}
+    missing = [d for d in dets if (d["path"], d["squash"]) not in known]
+    for d in tqdm(missing, desc="validation photo sizes", disable=not missing):
+        rgb = _load(pipe, pd.Series({"path": d["path"]}), d["squash"], data_root).rgb
+        known[(d["path"], d["squash"])] = (int(rgb.shape[1]), int(rgb.shape[0]))
+    if missing:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_bytes(pickle.dumps(known))
+    return [known[(d["path"], d["squash"])] for d in dets]
+
+
 def merge_tag(settings: PipelineSettings) -> str:
     """Cache-name suffix for results that depend on the lobe-merging rule ('' when off)."""
-    return f"_m{settings.merge_score:g}-{settings.merge_iou:g}" if settings.merge_score > 0 else ""
+    if settings.merge_score <= 0:
+        return ""
+    return f"_m{settings.merge_score:g}-{settings.merge_iou:g}-{settings.merge_min_area:g}"
 
 
 def _load(pipe, r: pd.Series, squash: bool, data_root: Path | None):
