@@ -69,7 +69,8 @@ detection.json      item 2: ``one_class`` / ``c2`` = {split: {n_images, n_gt, ma
                     (each {value, n[, ci_low, ci_high, ci_method]}), recall_iou0, recall_iou50 ({value,
                     ci_low, ci_high, n, n_found}), iou {median, q1, q3, iqr, n_found, median_all, q1_all,
                     q3_all, n_gt}, score_threshold, max_kept_per_image, detections_per_image_kept {mean,
-                    median, images_with_none}, map_all_detections_n, description, synthetic[, class_aware]}}
+                    median, images_with_none}, map_all_detections_n, description, synthetic[, class_aware]
+                    [, unmerged {map50, map50_95, merge, note}: the detector's boxes before lobe merging]}}
                     or a status object.
 image_level.json    item 3: ``strategies`` {label: "ok" | status}, ``metrics`` [ranking rows; score =
                     strategy.aggregation], ``paired_tests`` [paired rows vs two_stage.mean, and
