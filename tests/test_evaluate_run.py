@@ -478,7 +478,11 @@ def test_evaluate_with_shipped_models_matches_predict(tmp_path):
         if info.ok("image_classifier"):
             whole = pipe.predict(it.abs_path, whole_image=True).image_score
             assert img.loc[it.image_id, "score_direct_whole"] == pytest.approx(whole, abs=1e-5)
-    assert json.loads((tmp_path / "reports" / "summary.json").read_text())["provenance"]["model_sha256"]["detector"]
+    prov = json.loads((tmp_path / "reports" / "summary.json").read_text())["provenance"]
+    assert prov["model_sha256"]["detector"]
+    # the settings that made the numbers besides the weights (box rule, merging, blend) are stated
+    assert prov["pipeline"]["merge_score"] == pipe.settings.merge_score
+    assert prov["pipeline"]["whole_image_weight"] == pipe.settings.whole_image_weight
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1133,6 +1133,8 @@ def provenance(settings: EvalSettings, info: ModelInfo, manifest_digest: str,
         "manifest_hash": manifest_digest,
         "model_sha256": {k: v for k, v in info.sha256.items()},
         "model_status": info.status,
+        # the weights alone do not make the numbers: box rule, lobe merging, close-up blend and TTA do too
+        "pipeline": {k: v for k, v in (info.metadata.get("pipeline") or {}).items() if not isinstance(v, (dict, list))},
         "seed": settings.seed,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "package_version": __version__,
