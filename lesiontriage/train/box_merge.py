@@ -31,7 +31,6 @@ they score the lesions this rule produces.
 """
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import pickle
 from dataclasses import asdict, dataclass
@@ -44,10 +43,11 @@ from tqdm.auto import tqdm
 
 from lesiontriage.aggregation import aggregate
 from lesiontriage.box_selection import MAX_LESIONS, merge_overlapping, select_boxes
-from lesiontriage.data.manifest import load_manifest, manifest_hash, resolve_path
+from lesiontriage.data.manifest import load_manifest, resolve_path
 from lesiontriage.evaluate.detection import coco_map, recall_at_iou
 from lesiontriage.paths import MODELS_DIR, RUNS_DIR
-from lesiontriage.train.box_rule import BoxRuleStudy, _load, photo_sizes, stratum_aucs, validation_detections
+from lesiontriage.train.box_rule import (BoxRuleStudy, _load, decision_stamp, photo_sizes, stratum_aucs,
+                                         validation_detections)
 from lesiontriage.train.tiers import validation_images
 from lesiontriage.weights import read_metadata, write_metadata
 
@@ -262,10 +262,7 @@ def choose_box_merge(models_dir: Path = MODELS_DIR, manifest_path: Path | None =
                       f"{len(rows)} labelled photos + the HAM10000 ones squashed to 224x224"),
         "table": table_df.round(4).to_dict(orient="records"),
         "study": asdict(study),
-        "manifest_hash": manifest_hash(manifest),
-        "model_sha256": {k: meta["models"][k]["sha256"] for k in ("detector", "classifier")},
-        "command": command,
-        "date": dt.date.today().isoformat(),
+        **decision_stamp(manifest, meta, command),
     }
     meta.setdefault("pipeline", {})["merge_score"] = merge_score
     meta["pipeline"]["merge_iou"] = merge_iou

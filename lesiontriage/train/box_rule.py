@@ -196,6 +196,13 @@ def choose(table: pd.DataFrame, study: BoxRuleStudy) -> tuple[float, bool]:
     return chosen, tta
 
 
+def decision_stamp(manifest: pd.DataFrame, meta: dict[str, Any], command: str) -> dict[str, Any]:
+    """What a validation decision was made from: manifest, detector + classifier weights, command, date."""
+    return {"manifest_hash": manifest_hash(manifest),
+            "model_sha256": {k: meta["models"][k]["sha256"] for k in ("detector", "classifier")},
+            "command": command, "date": dt.date.today().isoformat()}
+
+
 def choose_box_rule(models_dir: Path = MODELS_DIR, manifest_path: Path | None = None, data_root: Path | None = None,
                     study: BoxRuleStudy | None = None, command: str = "") -> dict[str, Any]:
     """Run the study and store the chosen rule in metadata.json; returns the decision record."""
@@ -218,10 +225,7 @@ def choose_box_rule(models_dir: Path = MODELS_DIR, manifest_path: Path | None = 
                       f"the HAM10000 ones squashed to 224x224 ({SQUASHED_STRATUM}, the ISIC 2018 test look)"),
         "table": table.round(4).to_dict(orient="records"),
         "study": {k: v for k, v in asdict(study).items() if k != "targets"},
-        "manifest_hash": manifest_hash(manifest),
-        "model_sha256": {k: meta["models"][k]["sha256"] for k in ("detector", "classifier")},
-        "command": command,
-        "date": dt.date.today().isoformat(),
+        **decision_stamp(manifest, meta, command),
     }
     meta.setdefault("pipeline", {})["nested_containment"] = chosen
     meta["pipeline"]["flip_tta"] = tta
