@@ -106,7 +106,7 @@ def _boxes(value: Any) -> np.ndarray:
 
 def detection_photos(pipe, manifest: pd.DataFrame, study: BoxMergeStudy, data_root: Path | None, cache: Path
                      ) -> list[DetectedPhoto]:
-    """Raw detections of the three detection sets; cached per detector (the slow part)."""
+    """Raw detections of HAM10000 and the guarded sets (original pixels); cached per detector (the slow part)."""
     if cache.exists():
         return pickle.loads(cache.read_bytes())
     jobs: list[tuple[str, Path, np.ndarray]] = []
@@ -138,7 +138,7 @@ def detection_photos(pipe, manifest: pd.DataFrame, study: BoxMergeStudy, data_ro
 
 def detection_scores(photos: list[DetectedPhoto], merge_score: float, merge_iou: float, study: BoxMergeStudy,
                      min_area: float = 0.0) -> dict[str, float]:
-    """mAP on the HAM10000 photos and recall / mAP / box counts on the wide-field ones under one rule."""
+    """mAP on the HAM10000 photos and recall / mAP / box counts on each guarded set under one rule."""
     rec: dict[str, float] = {}
     merged = [merge_overlapping(p.boxes, p.scores, merge_score, merge_iou, p.size, min_area) for p in photos]
     ham = [i for i, p in enumerate(photos) if p.kind == "ham10000"]
