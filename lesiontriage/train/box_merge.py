@@ -68,7 +68,7 @@ class BoxMergeStudy:
     merge_ious: tuple[float, ...] = (0.0, 0.1, 0.2)
     merge_min_areas: tuple[float, ...] = (0.0, 0.01, 0.05)  # smallest union, as a fraction of the photo
     ham_photos: int = 300  # HAM10000 validation photos (one per lesion, disjoint from the evaluation's sample)
-    eval_ham_cap: int = 150  # the evaluation's HAM10000 sample (EvalSettings.ham_detection_max) ...
+    eval_ham_cap: int = 150  # the held-out-box sample the evaluation reported until stop 21 ...
     eval_seed: int = 0  # ... and its seed: these lesions are excluded here
     seed: int = 0
     score_threshold: float = 0.5  # the shipped detector_score_threshold
