@@ -126,7 +126,7 @@ def test_box_selection_apply_merges_then_selects():
 
 def _lobed_photos():
     """Close-ups whose lesion the detector boxes as two overlapping lobes, and a back photo with two
-    neighbouring (non-overlapping) moles plus a confident duplicate that overlaps one of them."""
+    neighbouring moles whose (slightly loose) boxes touch: merging must fuse the first, not the second."""
     from lesiontriage.train.box_merge import DetectedPhoto
 
     lesion = np.array([[10, 10, 210, 140]], float)
