@@ -361,10 +361,12 @@ def lesion_table(result: TriageResult, thumbnails: Sequence[str] | None = None) 
             "most_like": f"{lesion.top_subtype} ({SUBTYPE_SHORT.get(lesion.top_subtype, '')})" if lesion.subtypes else "",
             "subtypes": top_subtypes(lesion.subtypes),
             "detector_confidence": float(lesion.detector_score),
+            # how likely the box fits a real lesion (box_rescoring.py); NaN when no box rescorer is shipped
+            "box_confidence": float("nan") if lesion.box_confidence is None else float(lesion.box_confidence),
             "size_px": f"{lesion.box[2] - lesion.box[0]:.0f} x {lesion.box[3] - lesion.box[1]:.0f}",
         }
         rows.append(row)
-    cols = ["lesion", "crop", "p_malignant", "most_like", "subtypes", "detector_confidence", "size_px"]
+    cols = ["lesion", "crop", "p_malignant", "most_like", "subtypes", "detector_confidence", "box_confidence", "size_px"]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -378,7 +380,7 @@ def result_rows(result: TriageResult) -> list[dict[str, Any]]:
         "tier": result.tier.name, "tier_reason": result.tier.reason, "n_lesions": result.n_lesions,
         "quality_warnings": warnings, "model_version": result.model_version,
     }
-    lesion_keys = ["lesion", "x1", "y1", "x2", "y2", "detector_score", "p_malignant", "top_subtype"] + \
+    lesion_keys = ["lesion", "x1", "y1", "x2", "y2", "detector_score", "box_confidence", "p_malignant", "top_subtype"] + \
         [f"p_{s}" for s in SUBTYPES]
     if not result.lesions:
         return [{**base, **{k: "" for k in lesion_keys}}]
@@ -387,6 +389,7 @@ def result_rows(result: TriageResult) -> list[dict[str, Any]]:
         lesion = result.lesions[i]
         row = {**base, "lesion": lesion.index + 1, "x1": lesion.box[0], "y1": lesion.box[1], "x2": lesion.box[2],
                "y2": lesion.box[3], "detector_score": round(float(lesion.detector_score), 6),
+               "box_confidence": "" if lesion.box_confidence is None else round(float(lesion.box_confidence), 6),
                "p_malignant": round(float(lesion.p_malignant), 6), "top_subtype": lesion.top_subtype}
         for s in SUBTYPES:
             row[f"p_{s}"] = round(float(lesion.subtypes.get(s, float("nan"))), 6) if s in lesion.subtypes else ""

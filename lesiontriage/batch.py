@@ -38,7 +38,9 @@ class BatchRow:
     def csv_row(self) -> dict[str, object]:
         r = self.result
         lesions = [] if r is None else [
-            {"box": l.box, "detector_score": round(l.detector_score, 4), "p_malignant": round(l.p_malignant, 4),
+            {"box": l.box, "detector_score": round(l.detector_score, 4),
+             "box_confidence": None if l.box_confidence is None else round(l.box_confidence, 4),
+             "p_malignant": round(l.p_malignant, 4),
              "top_subtype": l.top_subtype, "subtypes": {k: round(v, 4) for k, v in l.subtypes.items()}}
             for l in r.lesions]
         return {

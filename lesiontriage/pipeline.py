@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lesiontriage.aggregation import aggregate as aggregate_probs
+from lesiontriage.box_rescoring import BoxRescorer
 from lesiontriage.box_selection import MAX_LESIONS, BoxSelection
 from lesiontriage.errors import ImageError, ModelError
 from lesiontriage.hybrid import HybridRule
@@ -92,6 +93,7 @@ class TriagePipeline:
         self.fast_detector: torch.nn.Module | None = None  # set by use_fast_cpu_copies()
         self._fast_classifiers: dict[int, Any] = {}  # id(eager classifier) -> its fast copy
         self.inference_engine: dict[str, dict[str, Any]] = {}  # model name -> which engine runs it and why
+        self.box_rescorer: BoxRescorer | None = None  # box confidence (box_rescoring.py), when shipped
 
     # ---- loading ----------------------------------------------------------------------------------
     @classmethod
@@ -131,9 +133,25 @@ class TriagePipeline:
         if settings.ensemble:
             pipe.second_classifier = cls._load_classifier(models_dir, models["classifier_2"])
             pipe.second_clf_meta = models["classifier_2"]
+        pipe.box_rescorer = cls.load_box_rescorer(models_dir, models, settings)
         if settings.fast_cpu if fast is None else fast:
             pipe.use_fast_cpu_copies()
         return pipe
+
+    @staticmethod
+    def load_box_rescorer(models_dir: Path, models: dict[str, Any], settings: PipelineSettings) -> BoxRescorer | None:
+        """The box-confidence model, if shipped and trained for this detector and lobe-merging rule
+        (its features describe those boxes; for any other it would mislead, so it is skipped with a warning)."""
+        entry = models.get("box_rescorer")
+        if not entry or "detector" not in models:
+            return None
+        merge = [float(settings.merge_score), float(settings.merge_iou), float(settings.merge_min_area)]
+        if entry.get("applies_to_detector_sha256") != models["detector"]["sha256"] or \
+                [float(v) for v in entry.get("merge_rule", merge)] != merge:
+            log.warning("box_rescorer was trained for another detector or merge rule: box confidence off "
+                        "(re-run `lesiontriage train box-rescorer`)")
+            return None
+        return BoxRescorer.load(models_dir / entry["file"], entry["sha256"])
 
     def use_fast_cpu_copies(self) -> dict[str, dict[str, Any]]:
         """Run detection and classification through frozen oneDNN copies of the same weights
@@ -194,10 +212,21 @@ class TriagePipeline:
     def detect(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Boxes [K, 4] (xyxy, pixels of ``rgb``) and scores [K] of the lesions kept by
         :attr:`box_selection` (lobes merged, score cut, nested parts removed, count cap), best first."""
+        boxes, scores, _ = self.detect_scored(rgb)
+        return boxes, scores
+
+    def detect_scored(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """:meth:`detect` plus each kept box's confidence (:mod:`lesiontriage.box_rescoring`, computed
+        over every merged detection of the photo; None without a shipped box rescorer)."""
         boxes, scores = self.detect_raw(rgb)
         if self.detector is None:
-            return boxes, scores
-        return self.box_selection.apply(boxes, scores, (rgb.shape[1], rgb.shape[0]))
+            return boxes, scores, None
+        size = (rgb.shape[1], rgb.shape[0])
+        sel = self.box_selection
+        boxes, scores = sel.merge(boxes, scores, size)
+        confidence = self.box_rescorer.score(boxes, scores, size) if self.box_rescorer is not None else None
+        keep = sel.select(boxes, scores)
+        return boxes[keep], scores[keep], None if confidence is None else confidence[keep]
 
     def lesion_probabilities(self, rgb: np.ndarray, boxes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """p_malignant [N] and sub-type probabilities [N, 8] of the configured lesion classifier(s) (the
@@ -330,7 +359,7 @@ class TriagePipeline:
             return TriageResult(img.name, img.orig_width, img.orig_height, [], aggregate, score,
                                 self.make_tier([], score, "whole_image", "whole"), quality, timings, "whole_image", version)
         t = time.perf_counter()
-        boxes, det_scores = self.detect(img.rgb)
+        boxes, det_scores, confidence = self.detect_scored(img.rgb)
         timings["detect"] = (time.perf_counter() - t) * 1000
         t = time.perf_counter()
         probs, subs = self.lesion_probabilities(img.rgb, boxes) if len(boxes) else self.classify(torch.zeros(0))
@@ -338,7 +367,8 @@ class TriagePipeline:
         names = self.classifier.config.subtypes
         lesions = [
             Lesion(index=i, box=[round(float(v) / img.scale, 1) for v in b], detector_score=float(s), p_malignant=float(p),
-                   subtypes={n: float(q) for n, q in zip(names, qs)})
+                   subtypes={n: float(q) for n, q in zip(names, qs)},
+                   box_confidence=None if confidence is None else float(confidence[i]))
             for i, (b, s, p, qs) in enumerate(zip(boxes, det_scores, probs, subs))
         ]
         lesion_score = float(aggregate_probs([l.p_malignant for l in lesions], aggregate))

@@ -26,6 +26,9 @@ class Lesion:
     detector_score: float
     p_malignant: float
     subtypes: dict[str, float] = field(default_factory=dict)
+    # P(this box fits a real lesion) from its place among the photo's detections (box_rescoring.py);
+    # None when no box rescorer is shipped. Ranks boxes; never decides which lesions are kept.
+    box_confidence: float | None = None
 
     @property
     def top_subtype(self) -> str:

@@ -287,7 +287,12 @@ if n:
             "most_like": st.column_config.TextColumn("Most like", width="medium",
                                                      help="Most likely sub-type; full names under Lesion details"),
             "subtypes": st.column_config.TextColumn("Sub-type probabilities (top 3)"),
-            "detector_confidence": st.column_config.NumberColumn("Detector confidence", format="%.2f"),
+            "detector_confidence": st.column_config.NumberColumn("Detector confidence", format="%.2f",
+                                                                 help="How lesion-like the detector finds the box"),
+            "box_confidence": st.column_config.NumberColumn(
+                "Box confidence", format="%.2f",
+                help="How likely the box fits one real lesion, judged from its place among the photo's detections "
+                     "(a learned re-ranking; it does not change which lesions are scored)"),
             "size_px": st.column_config.TextColumn("Box (px)", width="small"),
         })
     if n > TABLE_MAX_ROWS:

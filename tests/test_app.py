@@ -564,6 +564,7 @@ def test_lesion_table_order_and_columns():
     res = _result(ps=(0.2, 0.7))
     t = sup.lesion_table(res, ["a", "b"])
     assert list(t["lesion"]) == ["#2", "#1"] and list(t["crop"]) == ["b", "a"]
+    assert "box_confidence" in t.columns and t["box_confidence"].isna().all()  # no rescorer in this result
     assert sup.export_stem("../../My photo (1).HEIC") == "My_photo__1_"
 
 

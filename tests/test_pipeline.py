@@ -445,3 +445,23 @@ def test_photo_without_a_kept_lesion_is_scored_by_the_whole_photo_views(pipe, ph
     assert on.tier.name == ("urgent" if on.image_score >= thr["urgent"] else "refer" if on.image_score >= thr["refer"] else "routine")
     off = variant(False).predict(photos[1])
     assert off.image_score == 0.0 and off.tier.name == "routine" and not off.blended
+
+
+def test_box_confidence_is_the_rescorer_over_the_merged_detections(pipe, photos):
+    """Each kept lesion carries the shipped box rescorer's confidence, computed over every merged
+    detection of the photo (not only the kept ones), and the kept boxes are the detector score's."""
+    if pipe.box_rescorer is None:
+        pytest.skip("no box rescorer shipped")
+    img = pipe.load(photos[2])
+    raw_boxes, raw_scores = pipe.detect_raw(img.rgb)
+    size = (img.rgb.shape[1], img.rgb.shape[0])
+    merged_boxes, merged_scores = pipe.box_selection.merge(raw_boxes, raw_scores, size)
+    expected = pipe.box_rescorer.score(merged_boxes, merged_scores, size)
+    keep = pipe.box_selection.select(merged_boxes, merged_scores)
+    boxes, scores, confidence = pipe.detect_scored(img.rgb)
+    np.testing.assert_allclose(boxes, merged_boxes[keep])
+    np.testing.assert_allclose(confidence, expected[keep])
+    res = pipe.predict(photos[2])
+    assert [l.box_confidence for l in res.lesions] == pytest.approx(list(confidence), abs=1e-6)
+    exported = json.loads(res.to_json())["lesions"]
+    assert [l["box_confidence"] for l in exported] == pytest.approx(list(confidence), abs=1e-6)

@@ -420,6 +420,17 @@ def merged_detections(det: dict[str, Any], merge: tuple[float, float, float], im
     return {**det, "boxes": boxes, "scores": scores}
 
 
+def shipped_box_rescorer(info: ModelInfo, models_dir: Path, ps):
+    """The product's box-confidence model (None when not shipped or not for this detector / merge rule):
+    mAP ranks the boxes by the confidence the product reports."""
+    from lesiontriage.pipeline import TriagePipeline
+
+    models = info.metadata.get("models") or {}
+    if not info.ok("detector"):
+        return None
+    return TriagePipeline.load_box_rescorer(Path(models_dir), models, ps)
+
+
 def merge_rule(ps) -> tuple[float, float, float]:
     """(merge_score, merge_iou, merge_min_area) of pipeline settings ``ps``."""
     return float(ps.merge_score), float(ps.merge_iou), float(ps.merge_min_area)
@@ -866,10 +877,14 @@ def run_inference(items: Sequence[EvalItem], info: ModelInfo, settings: EvalSett
     finally:
         bar.close()
         cache.flush()
+    rescorer = shipped_box_rescorer(info, settings.models_dir, ps)
     for rec in records:  # tables and detection metrics see the product's detections; the raw ones stay beside them
         if "det" in rec.stages and ps.merge_score > 0:
             rec.stages["det_raw"] = rec.stages["det"]
             rec.stages["det"] = merged_detections(rec.stages["det"], merge_rule(ps), rec.size)
+        if "det" in rec.stages and rescorer is not None and rec.size:
+            det = rec.stages["det"]
+            rec.stages["det"] = {**det, "confidence": rescorer.score(det["boxes"], det["scores"], rec.size)}
     n_err = sum(1 for r in records if r.error)
     if n_err:
         log.warning("evaluate: %d images could not be read (listed with status 'error: ...')", n_err)
@@ -1191,6 +1206,10 @@ def detection_sets(records: Sequence[ImageRecord]) -> tuple[dict[str, T.Detectio
             d.gt.append(gt)
             d.boxes.append(np.asarray(out["boxes"], float).reshape(-1, 4))
             d.scores.append(np.asarray(out["scores"], float).reshape(-1))
+            if stage == "det" and "confidence" in out:
+                if d.confidences is None:
+                    d.confidences = []
+                d.confidences.append(np.asarray(out["confidence"], float).reshape(-1))
             raw = r.stages.get("det_raw") if stage == "det" else None
             if raw is not None:
                 if d.unmerged_boxes is None:

@@ -501,7 +501,8 @@ def in_spec_gt(gt: Sequence[np.ndarray], image_sides: Sequence[float], min_side_
 def detection_metrics(gt: Sequence[np.ndarray], raw_boxes: Sequence[np.ndarray], raw_scores: Sequence[np.ndarray],
                       score_threshold: float, n_boot: int = 0, seed: int = 0, max_dets: int = 100,
                       max_kept: int | None = None, nested_containment: float = 0.0,
-                      image_sides: Sequence[float] | None = None) -> dict[str, Any]:
+                      image_sides: Sequence[float] | None = None,
+                      rank_scores: Sequence[np.ndarray] | None = None) -> dict[str, Any]:
     """COCO mAP (all raw detections), recall at IoU > 0 and >= 0.5 and IoU median / IQR (detections
     the pipeline keeps: score >= ``score_threshold``, at most ``max_kept`` per image) over one
     split's images.
@@ -509,12 +510,19 @@ def detection_metrics(gt: Sequence[np.ndarray], raw_boxes: Sequence[np.ndarray],
     ``n_boot`` > 0 adds a percentile CI for mAP@0.5 and mAP@[.5:.95] by resampling images (each
     replicate is a pycocotools run, so keep it small). ``image_sides`` (long side of each image, the
     boxes' pixels) adds ``recall_iou0_in_spec``: recall over the boxes of at least
-    ``SPEC_MIN_SIDE_FRACTION`` of the side."""
+    ``SPEC_MIN_SIDE_FRACTION`` of the side.
+
+    ``rank_scores``: the box confidence the product reports (:mod:`lesiontriage.box_rescoring`), one
+    value per raw box; mAP then ranks by it (the detector score's mAP goes to ``map_detector_score``),
+    while the kept boxes stay those of the detector score, as in the product."""
     gt = [np.asarray(g, dtype=float).reshape(-1, 4) for g in gt]
     raw_boxes = [np.asarray(b, dtype=float).reshape(-1, 4) for b in raw_boxes]
     raw_scores = [np.asarray(s, dtype=float).reshape(-1) for s in raw_scores]
+    det_scores = raw_scores
+    if rank_scores is not None:
+        raw_scores = [np.asarray(s, dtype=float).reshape(-1) for s in rank_scores]  # ranking for mAP only
     m = coco_map(gt, raw_boxes, raw_scores, max_dets=max_dets)
-    kept_pairs = [kept_detections(b, s, score_threshold, max_kept, nested_containment) for b, s in zip(raw_boxes, raw_scores)]
+    kept_pairs = [kept_detections(b, s, score_threshold, max_kept, nested_containment) for b, s in zip(raw_boxes, det_scores)]
     kb, ks = [k[0] for k in kept_pairs], [k[1] for k in kept_pairs]
     r0 = recall_at_iou(gt, kb, ks, iou_thr=0.0)
     r50 = recall_at_iou(gt, kb, ks, iou_thr=0.5, one_to_one=True)
@@ -537,7 +545,12 @@ def detection_metrics(gt: Sequence[np.ndarray], raw_boxes: Sequence[np.ndarray],
                                       "median": float(np.median(kept)) if kept else float("nan"),
                                       "images_with_none": int(sum(1 for k in kept if k == 0))},
         "map_all_detections_n": m["n_pred"],
+        "map_ranked_by": "detector_score" if rank_scores is None else "box_confidence",
     }
+    if rank_scores is not None:
+        md = coco_map(gt, raw_boxes, det_scores, max_dets=max_dets)
+        out["map_detector_score"] = {"map50": md["map50"], "map50_95": md["map50_95"],
+                                     "note": "the same boxes ranked by the detector score instead of the box confidence"}
     if image_sides is not None and len(image_sides) == len(gt):
         spec = in_spec_gt(gt, image_sides)
         rs = recall_at_iou(spec, kb, ks, iou_thr=0.0)
@@ -658,6 +671,7 @@ class DetectionSet:
     image_sides: list[float] | None = None  # long side of each image (original pixels), for the in-spec recall
     unmerged_boxes: list[np.ndarray] | None = None  # the detector's boxes before lobe merging (when the pipeline merges)
     unmerged_scores: list[np.ndarray] | None = None
+    confidences: list[np.ndarray] | None = None  # box confidence (box_rescoring.py) of every box, when shipped: mAP ranks by it
 
 
 def detection_section(one_class: Mapping[str, DetectionSet], c2: Mapping[str, DetectionSet], ctx: ReportContext) -> dict[str, Any]:
@@ -668,7 +682,9 @@ def detection_section(one_class: Mapping[str, DetectionSet], c2: Mapping[str, De
     out: dict[str, Any] = {
         "definition": ("mAP with pycocotools over every box the detection stage emits (score >= the detector's own floor; "
                        "when the pipeline merges overlapping confident lobes of one lesion, pipeline.merge_score, after "
-                       "merging, with the detector's own boxes' mAP under 'unmerged'); recall and IoU "
+                       "merging, with the detector's own boxes' mAP under 'unmerged'; ranked by the box confidence the product "
+                       "reports when a box rescorer is shipped, lesiontriage.box_rescoring, with the detector-score "
+                       "ranking's mAP under 'map_detector_score'); recall and IoU "
                        "statistics over the boxes the pipeline keeps (score >= the shipped threshold, at most max_lesions "
                        "per image). recall_iou0: a ground-truth box counts as found when any kept box overlaps it (IoU > 0); "
                        "recall_iou50: one-to-one greedy matching at IoU >= 0.5. IoU median / IQR: best IoU per found box. "
@@ -684,9 +700,10 @@ def detection_section(one_class: Mapping[str, DetectionSet], c2: Mapping[str, De
             d = sets[split]
             if not d.gt:
                 continue
+            ranking = d.confidences if d.confidences is not None and len(d.confidences) == len(d.gt) else None
             m = detection_metrics(d.gt, d.boxes, d.scores, ctx.kept_threshold, n_boot=n_boot, seed=ctx.seed,
                                   max_kept=ctx.max_kept, nested_containment=ctx.nested_containment,
-                                  image_sides=d.image_sides)
+                                  image_sides=d.image_sides, rank_scores=ranking)
             m["description"], m["synthetic"] = d.description, d.synthetic
             if d.unmerged_boxes is not None and len(d.unmerged_boxes) == len(d.gt):
                 raw = coco_map(d.gt, d.unmerged_boxes, d.unmerged_scores)
