@@ -1,4 +1,4 @@
-"""Which detections become lesions: lobe merging, score cut, nested-box suppression, count cap.
+"""Which detections become lesions: lobe merging, score cut (lower on many-lesion photos), nested parts, cap.
 
 Why a step of its own: on dermoscopy close-ups the detector often returns the whole lesion *and*
 boxes around parts of it (a dark globule, one lobe). Each part is then classified from a crop that
@@ -21,6 +21,11 @@ replaced by their union, scored with the cluster's best score, when that union c
 a back photo whose boxes touch are tiny and must stay two lesions (without this floor the first
 evaluation of merging cost the real mole test photos 0.04 mAP@0.5). The values are chosen on
 validation by ``lesiontriage train box-merge`` (``pipeline.merge_score``; 0 switches it off).
+
+``widefield_score_threshold`` lowers the score cut on a many-lesion photo (at least
+``widefield_min_lesions`` detections at the normal cut, e.g. a back with moles), where faint small
+detections are real moles far more often than on a close-up (:func:`effective_threshold`; chosen on
+validation by ``lesiontriage train widefield-rule``; 0 switches it off).
 
 Used by :class:`lesiontriage.pipeline.TriagePipeline` and mirrored by the evaluation, so the
 reports score exactly the lesions the product shows.
@@ -49,6 +54,12 @@ class BoxSelection:
     merge_score: float = 0.0  # 0 = off; else overlapping detections at least this confident become their union
     merge_iou: float = 0.0  # ... when their IoU exceeds this
     merge_min_area: float = 0.0  # ... and their union covers at least this fraction of the photo
+    widefield_score_threshold: float = 0.0  # 0 = off; else the cut on a photo with ...
+    widefield_min_lesions: int = 0  # ... at least this many detections at score_threshold
+
+    @property
+    def widefield(self) -> tuple[float, int]:
+        return float(self.widefield_score_threshold), int(self.widefield_min_lesions)
 
     def merge(self, boxes: np.ndarray, scores: np.ndarray, image_size: tuple[float, float] | None = None
               ) -> tuple[np.ndarray, np.ndarray]:
@@ -65,7 +76,7 @@ class BoxSelection:
 
     def select(self, boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """Indices into ``boxes`` of the kept detections, in the input order (best score first)."""
-        return select_boxes(boxes, scores, self.score_threshold, self.max_lesions, self.nested_containment)
+        return select_boxes(boxes, scores, self.score_threshold, self.max_lesions, self.nested_containment, self.widefield)
 
 
 def _areas(boxes: np.ndarray) -> np.ndarray:
@@ -117,12 +128,25 @@ def suppress_nested(boxes: np.ndarray, containment_threshold: float) -> np.ndarr
     return keep
 
 
+def effective_threshold(scores: np.ndarray, score_threshold: float, widefield: tuple[float, int] = (0.0, 0)) -> float:
+    """The score cut for one photo: ``score_threshold``, lowered to ``widefield[0]`` on a many-lesion
+    photo (at least ``widefield[1]`` detections at the normal cut: a back or a limb with moles).
+
+    Why: on such photos the small, faint moles the detector scores 0.3-0.5 are real far more often
+    than on a close-up, where a low-scored box is a fragment of the one lesion or skin texture; one cut
+    for both cost the validation mole photos 3% recall. ``(0, 0)`` = off (``train widefield-rule`` chooses it)."""
+    low, min_lesions = widefield
+    if low > 0 and min_lesions > 0 and int((np.asarray(scores) >= score_threshold).sum()) >= min_lesions:
+        return min(float(score_threshold), float(low))
+    return float(score_threshold)
+
+
 def select_boxes(boxes: np.ndarray, scores: np.ndarray, score_threshold: float, max_lesions: int,
-                 nested_containment: float = 0.0) -> np.ndarray:
-    """Indices of the detections kept: score >= threshold, nested parts removed, at most
-    ``max_lesions`` (in the input order, which the detector gives best score first)."""
+                 nested_containment: float = 0.0, widefield: tuple[float, int] = (0.0, 0)) -> np.ndarray:
+    """Indices of the detections kept: score >= the photo's cut (:func:`effective_threshold`), nested
+    parts removed, at most ``max_lesions`` (in the input order, which the detector gives best score first)."""
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    idx = np.flatnonzero(scores >= score_threshold)
+    idx = np.flatnonzero(scores >= effective_threshold(scores, score_threshold, widefield))
     if len(idx) and nested_containment > 0:
         idx = idx[suppress_nested(np.asarray(boxes).reshape(-1, 4)[idx], nested_containment)]
     return idx[:max_lesions]

@@ -258,7 +258,7 @@ _TRAIN_DEFAULTS = {"detector": "detector", "classifier": "classifier", "image-cl
 
 @app.command("train")
 def train(
-    model: str = typer.Argument(..., help="detector | classifier | image-classifier | box-merge | box-rescorer | box-rule | hybrid | tiers (the last five chosen on validation)"),
+    model: str = typer.Argument(..., help="detector | classifier | image-classifier | box-merge | box-rescorer | box-rule | widefield-rule | hybrid | tiers (the last six chosen on validation)"),
     config: Optional[str] = typer.Option(None, "--config", help="TOML config (default: the packaged one for MODEL)"),
     resume: bool = typer.Option(False, "--resume", help="Continue from runs/<name>/checkpoint.pt"),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest parquet (default runs/data/manifest.parquet)"),
@@ -300,6 +300,16 @@ def train(
                       f"merge_min_area = {record['merge_min_area']} "
                       "(run `lesiontriage train box-rule`, `train hybrid` and `train tiers` next)")
         return
+    if model == "widefield-rule":
+        from lesiontriage.train.common import command_line
+        from lesiontriage.train.widefield_rule import choose_widefield_rule
+
+        record = choose_widefield_rule(manifest_path=manifest, data_root=data_root, command=command_line())
+        for row in record["table"]:
+            console.print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        console.print(f"chosen widefield_score_threshold = {record['widefield_score_threshold']}, widefield_min_lesions = "
+                      f"{record['widefield_min_lesions']} (run `lesiontriage train hybrid` and `train tiers` next)")
+        return
     if model == "box-rescorer":
         from lesiontriage.train.box_rescorer import record_table, train_box_rescorer
         from lesiontriage.train.common import command_line
@@ -328,7 +338,7 @@ def train(
             console.print("  soft gate " + "  ".join(f"{k}={v}" for k, v in cand.items()))
         return
     if model not in _TRAIN_DEFAULTS:
-        _fail(f"unknown model {model!r}; choose one of {', '.join(_TRAIN_DEFAULTS)}, box-merge, box-rescorer, box-rule, hybrid, tiers")
+        _fail(f"unknown model {model!r}; choose one of {', '.join(_TRAIN_DEFAULTS)}, box-merge, box-rescorer, box-rule, widefield-rule, hybrid, tiers")
     cfg = config or _TRAIN_DEFAULTS[model]
     if check_product:
         if model != "classifier":

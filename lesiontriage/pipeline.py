@@ -47,6 +47,8 @@ class PipelineSettings:
     merge_score: float = 0.0  # box_selection: overlapping lobes this confident become their union (0 = off)
     merge_iou: float = 0.0  # box_selection: ... when their IoU exceeds this
     merge_min_area: float = 0.0  # box_selection: ... and their union covers this fraction of the photo
+    widefield_score_threshold: float = 0.0  # box_selection: the score cut on a many-lesion photo (0 = off) ...
+    widefield_min_lesions: int = 0  # ... one with at least this many detections at detector_score_threshold
     default_aggregate: str = "mean"
     flip_tta: bool = False  # lesion classifier: average logits over identity + h-flip + v-flip (chosen on validation)
     # Flip TTA triples the classifier's cost (~30 ms per crop view on the 2-core CPU): a back photo with 77
@@ -61,6 +63,11 @@ class PipelineSettings:
     closeup_ramp_from: float | None = None  # soft gate (hybrid.py): views' weights ramp up from this fraction
     no_lesion_views: bool = False  # no lesion kept: the image score comes from the two whole-photo views (hybrid.py)
     fast_cpu: bool = True  # run the networks through frozen oneDNN copies (networks/fast.py), checked vs eager at load
+
+    @property
+    def widefield(self) -> tuple[float, int]:
+        """(score cut, minimum confident detections) of box_selection's many-lesion rule."""
+        return float(self.widefield_score_threshold), int(self.widefield_min_lesions)
 
     def tta_for(self, n_crops: int) -> bool:
         """Whether a batch of ``n_crops`` lesion crops gets flip TTA (the same rule in predict and evaluate)."""
@@ -185,7 +192,7 @@ class TriagePipeline:
         """The rule (from metadata.json) that turns raw detections into reported lesions."""
         s = self.settings
         return BoxSelection(s.detector_score_threshold, s.max_lesions, s.nested_containment, s.merge_score, s.merge_iou,
-                            s.merge_min_area)
+                            s.merge_min_area, *s.widefield)
 
     @property
     def hybrid_rule(self) -> HybridRule:

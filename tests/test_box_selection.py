@@ -172,3 +172,60 @@ def test_merge_choice_needs_map_gain_without_costing_recall_or_auc():
     table.loc[3, "moles_map50"] = 0.70
     table.loc[3, "ham_map50"] = 0.805  # below min_map_gain: stay off
     assert choose(table, study) == (0.0, 0.0, 0.0)
+
+
+# ---- many-lesion photos' lower score cut (box_selection.effective_threshold, train widefield-rule) ----
+
+def _moles(n_confident: int, faint: float = 0.35) -> tuple[np.ndarray, np.ndarray]:
+    """``n_confident`` separate small moles at 0.9, then one faint mole at ``faint`` (best first)."""
+    boxes = np.array([[40.0 * i, 10, 40.0 * i + 20, 30] for i in range(n_confident + 1)])
+    return boxes, np.array([0.9] * n_confident + [faint])
+
+
+def test_faint_mole_is_kept_only_on_a_many_lesion_photo():
+    from lesiontriage.box_selection import effective_threshold
+
+    back_boxes, back_scores = _moles(5)
+    few_boxes, few_scores = _moles(4)
+    rule = (0.3, 5)
+    assert effective_threshold(back_scores, 0.5, rule) == 0.3
+    assert effective_threshold(few_scores, 0.5, rule) == 0.5
+    assert select_boxes(back_boxes, back_scores, 0.5, 100, 0.0, rule).tolist() == [0, 1, 2, 3, 4, 5]
+    assert select_boxes(few_boxes, few_scores, 0.5, 100, 0.0, rule).tolist() == [0, 1, 2, 3]
+    assert select_boxes(back_boxes, back_scores, 0.5, 100).tolist() == [0, 1, 2, 3, 4]  # off by default
+    faint_boxes, faint_scores = _moles(5, faint=0.25)
+    assert 5 not in select_boxes(faint_boxes, faint_scores, 0.5, 100, 0.0, rule).tolist()  # below even the low cut
+    # the lower cut never raises the normal one
+    assert effective_threshold(back_scores, 0.5, (0.7, 1)) == 0.5
+
+
+def test_box_selection_and_the_evaluation_apply_the_same_many_lesion_rule():
+    from lesiontriage.evaluate.run import kept_index
+    from lesiontriage.evaluate.tables import kept_detections
+
+    boxes, scores = _moles(6)
+    sel = BoxSelection(score_threshold=0.5, widefield_score_threshold=0.3, widefield_min_lesions=5)
+    expected = sel.select(boxes, scores).tolist()
+    assert expected == list(range(7))
+    assert kept_index(scores, 0.5, 100, boxes, 0.0, sel.widefield).tolist() == expected
+    assert kept_index(scores, 0.5, 100, boxes, 0.8, sel.widefield).tolist() == expected  # nested path too
+    kb, ks = kept_detections(boxes, scores, 0.5, 100, 0.0, sel.widefield)
+    assert len(kb) == 7 and ks.min() == pytest.approx(0.35)
+
+
+def test_widefield_rule_choice_needs_a_mole_gain_and_guards():
+    from lesiontriage.train.widefield_rule import WidefieldStudy, choose
+
+    study = WidefieldStudy()
+    base = {"moles_recall": 0.938, "scenes_recall": 0.970, "pad_ufes20_recall": 0.931, "ham10000_recall": 0.993,
+            "widefield_precision": 0.75, "macro_auc": 0.85, "scene_auc": 0.90}
+    rows = [{"threshold": 0.0, "min_lesions": 0, **base},
+            {"threshold": 0.3, "min_lesions": 5, **base, "moles_recall": 0.969},
+            {"threshold": 0.3, "min_lesions": 8, **base, "moles_recall": 0.969},  # same gain, more conservative
+            {"threshold": 0.2, "min_lesions": 3, **base, "moles_recall": 0.985, "widefield_precision": 0.65}]
+    assert choose(pd.DataFrame(rows), study) == (0.3, 8)  # the biggest gain fails the precision guard
+    rows[1]["scene_auc"] = rows[2]["scene_auc"] = 0.88
+    assert choose(pd.DataFrame(rows), study) == (0.0, 0)  # scene malignancy guard
+    rows[1]["scene_auc"] = rows[2]["scene_auc"] = 0.90
+    rows[1]["ham10000_recall"] = rows[2]["ham10000_recall"] = 0.99
+    assert choose(pd.DataFrame(rows), study) == (0.0, 0)  # a close-up set lost recall

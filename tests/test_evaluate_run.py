@@ -537,6 +537,8 @@ def test_lobe_merging_reuses_cached_detections_but_not_their_classification():
     on = stage_tags(info, {"thr": 0.5, "max": 30, "merge": (0.7, 0.0, 0.0)}, item)
     assert on["det"] == off["det"]  # the cache holds the detector's raw output
     assert on["cls_det"] != off["cls_det"]  # the classified crops are the merged boxes
+    wide = stage_tags(info, {"thr": 0.5, "max": 30, "merge": (0.7, 0.0, 0.0), "wide": [0.3, 8]}, item)
+    assert wide["det"] == on["det"] and wide["cls_det"] != on["cls_det"]  # a lower cut on many-lesion photos keeps more
     det = {"boxes": np.array([[0, 0, 60, 100], [40, 0, 100, 100], [200, 0, 210, 10]], np.float32),
            "scores": np.array([0.9, 0.8, 0.95], np.float32)}
     merged = merged_detections(det, (0.7, 0.0, 0.0), (300, 200))

@@ -437,13 +437,13 @@ def merge_rule(ps) -> tuple[float, float, float]:
 
 
 def kept_index(scores: np.ndarray, threshold: float, max_lesions: int, boxes: np.ndarray | None = None,
-               nested_containment: float = 0.0) -> np.ndarray:
+               nested_containment: float = 0.0, widefield: tuple[float, int] = (0.0, 0)) -> np.ndarray:
     """Indices of the detections the pipeline keeps (scores sorted best first, as detect() returns)."""
-    if boxes is not None and nested_containment > 0:  # the product's box_selection, exactly
-        from lesiontriage.box_selection import select_boxes
+    from lesiontriage.box_selection import effective_threshold, select_boxes
 
-        return select_boxes(boxes, scores, threshold, max_lesions, nested_containment)
-    return np.flatnonzero(np.asarray(scores) >= threshold)[:max_lesions]
+    if boxes is not None and nested_containment > 0:  # the product's box_selection, exactly
+        return select_boxes(boxes, scores, threshold, max_lesions, nested_containment, widefield)
+    return np.flatnonzero(np.asarray(scores) >= effective_threshold(scores, threshold, widefield))[:max_lesions]
 
 
 class Engine:
@@ -518,6 +518,10 @@ class Engine:
         return float(self.pipe.settings.nested_containment) if self.pipe else 0.0
 
     @property
+    def widefield(self) -> tuple[float, int]:
+        return self.pipe.settings.widefield if self.pipe else (0.0, 0)
+
+    @property
     def merge(self) -> tuple[float, float, float]:
         """(merge_score, merge_iou, merge_min_area) of the pipeline's lobe merging (0 = off)."""
         return merge_rule(self.pipe.settings) if self.pipe else (0.0, 0.0, 0.0)
@@ -590,7 +594,8 @@ class Engine:
         if "cls_det" in stages:
             with clock("classify_detected"):
                 mdet = merged_detections(det, self.merge, (img.orig_width, img.orig_height))
-                keep = kept_index(mdet["scores"], self.kept_threshold, self.max_lesions, mdet["boxes"], self.nested_containment)
+                keep = kept_index(mdet["scores"], self.kept_threshold, self.max_lesions, mdet["boxes"], self.nested_containment,
+                                  self.widefield)
                 kb = mdet["boxes"][keep] * scale
                 cfg = self.pipe.classifier.config
                 tta = self.pipe.settings.tta_for(len(kb))  # the pipeline's rule: no flips on a many-lesion photo
@@ -734,7 +739,8 @@ class ImageRecord:
 def engine_settings(ps) -> dict[str, Any]:
     """The pipeline settings that change a cached stage's value (part of its cache tag)."""
     return {"thr": ps.detector_score_threshold, "max": ps.max_lesions, "nest": ps.nested_containment, "tta": ps.flip_tta,
-            "tta_max": ps.flip_tta_max_crops, "merge": merge_rule(ps)}
+            "tta_max": ps.flip_tta_max_crops, "merge": merge_rule(ps),
+            **({"wide": list(ps.widefield)} if ps.widefield_score_threshold > 0 else {})}
 
 
 def stage_tags(info: ModelInfo, engine_settings: dict[str, Any], item: EvalItem) -> dict[str, tuple[str, str]]:
@@ -749,6 +755,8 @@ def stage_tags(info: ModelInfo, engine_settings: dict[str, Any], item: EvalItem)
     if engine_settings.get("tta", False) and engine_settings.get("tta_max") is not None:
         tta += f"|tta_max={engine_settings['tta_max']}"  # no flips above this many crops (PipelineSettings.tta_for)
     merge = f"|merge={engine_settings['merge']}" if engine_settings.get("merge", (0.0,))[0] > 0 else ""
+    if engine_settings.get("wide"):  # the many-lesion photos' lower score cut keeps more boxes
+        merge += f"|wide={engine_settings['wide']}"
     if cls_ok and det_ok and need_two_stage:
         tags["cls_det"] = (f"{info.sha256['classifier']}|{info.sha256['detector']}|{engine_settings['thr']}|{engine_settings['max']}"
                            f"|{engine_settings.get('nest', 0.0)}|{engine_settings.get('tta', False)}{tta}{merge}", "")
@@ -950,11 +958,11 @@ class _Kept:
 
 
 def _kept(st: dict[str, Any], t_cls: float, kept_threshold: float, max_lesions: int,
-          nested_containment: float = 0.0) -> _Kept | None:
+          nested_containment: float = 0.0, widefield: tuple[float, int] = (0.0, 0)) -> _Kept | None:
     det = st.get("det")
     if det is None:
         return None
-    keep = kept_index(det["scores"], kept_threshold, max_lesions, det["boxes"], nested_containment)
+    keep = kept_index(det["scores"], kept_threshold, max_lesions, det["boxes"], nested_containment, widefield)
     cls_det = st.get("cls_det")
     p = _sigmoid(np.asarray(cls_det["logit"], float) / t_cls) if cls_det is not None else np.zeros(0)
     sub = np.asarray(cls_det["sub"], float) if cls_det is not None else np.zeros((0, len(SUBTYPES)))
@@ -1107,7 +1115,7 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
 
 def build_tables(records: Sequence[ImageRecord], info: ModelInfo, default_aggregate: str = "mean",
                  kept_threshold: float = 0.5, max_lesions: int = MAX_LESIONS, nested_containment: float = 0.0,
-                 hybrid: HybridRule | None = None) -> Tables:
+                 hybrid: HybridRule | None = None, widefield: tuple[float, int] = (0.0, 0)) -> Tables:
     """Per-image, per-lesion and per-(kept-)detection tables from the inference records; every
     aggregation is computed here from the cached per-lesion probabilities."""
     models = info.metadata.get("models") or {}
@@ -1115,7 +1123,7 @@ def build_tables(records: Sequence[ImageRecord], info: ModelInfo, default_aggreg
     t_img = float((models.get("image_classifier") or {}).get("temperature", 1.0))
     img_rows, les_rows, det_rows, feats = [], [], [], []
     for rec in records:
-        kept = _kept(rec.stages, t_cls, kept_threshold, max_lesions, nested_containment)
+        kept = _kept(rec.stages, t_cls, kept_threshold, max_lesions, nested_containment, widefield)
         row = _image_row(rec, kept, t_img, kept_threshold, hybrid, t_cls)
         if kept is not None:
             det_rows.extend(_detection_rows(rec, kept))
@@ -1183,7 +1191,7 @@ def report_context(info: ModelInfo, settings: EvalSettings) -> T.ReportContext:
     return T.ReportContext(status=info.status, metadata=info.metadata, default_aggregate=str(ps.default_aggregate),
                            n_boot=settings.n_boot, n_boot_paired=settings.n_boot_paired, n_boot_map=settings.n_boot_map,
                            seed=settings.seed, kept_threshold=float(ps.detector_score_threshold), max_kept=int(ps.max_lesions),
-                           nested_containment=float(ps.nested_containment),
+                           nested_containment=float(ps.nested_containment), widefield=ps.widefield,
                            merge=merge_rule(ps))
 
 
@@ -1556,8 +1564,8 @@ def evaluate(settings: EvalSettings, manifest: pd.DataFrame | None = None,
     nest = float(ps.nested_containment)
     hybrid = HybridRule(float(ps.whole_image_weight), float(ps.closeup_min_box_fraction), float(ps.full_frame_weight),
                         None if ps.closeup_ramp_from is None else float(ps.closeup_ramp_from), bool(ps.no_lesion_views))
-    tables = build_tables(main_records, info, agg, kept_thr, max_les, nest, hybrid)
-    ita_extra = build_tables(extra_records, info, agg, kept_thr, max_les, nest, hybrid).images
+    tables = build_tables(main_records, info, agg, kept_thr, max_les, nest, hybrid, ps.widefield)
+    ita_extra = build_tables(extra_records, info, agg, kept_thr, max_les, nest, hybrid, ps.widefield).images
     seconds["tables"] = time.perf_counter() - t
     tables_cpu = time.process_time() - report_cpu0
 

@@ -470,14 +470,16 @@ def error_rows(df: pd.DataFrame, groups: Sequence[Group], score: str, col: str, 
 # =====================================================================================================
 
 def kept_detections(boxes: np.ndarray, scores: np.ndarray, score_threshold: float,
-                    max_kept: int | None = None, nested_containment: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                    max_kept: int | None = None, nested_containment: float = 0.0,
+                    widefield: tuple[float, int] = (0.0, 0)) -> tuple[np.ndarray, np.ndarray]:
     """What the pipeline keeps: score >= threshold, best first, nested parts removed
     (``lesiontriage.box_selection``), at most ``max_kept``."""
     from lesiontriage.box_selection import select_boxes
 
     order = np.argsort(-scores, kind="stable")
     boxes, scores = boxes[order], scores[order]
-    keep = select_boxes(boxes, scores, score_threshold, max_kept if max_kept is not None else len(scores), nested_containment)
+    keep = select_boxes(boxes, scores, score_threshold, max_kept if max_kept is not None else len(scores), nested_containment,
+                        widefield)
     return boxes[keep], scores[keep]
 
 
@@ -502,7 +504,8 @@ def detection_metrics(gt: Sequence[np.ndarray], raw_boxes: Sequence[np.ndarray],
                       score_threshold: float, n_boot: int = 0, seed: int = 0, max_dets: int = 100,
                       max_kept: int | None = None, nested_containment: float = 0.0,
                       image_sides: Sequence[float] | None = None,
-                      rank_scores: Sequence[np.ndarray] | None = None) -> dict[str, Any]:
+                      rank_scores: Sequence[np.ndarray] | None = None,
+                      widefield: tuple[float, int] = (0.0, 0)) -> dict[str, Any]:
     """COCO mAP (all raw detections), recall at IoU > 0 and >= 0.5 and IoU median / IQR (detections
     the pipeline keeps: score >= ``score_threshold``, at most ``max_kept`` per image) over one
     split's images.
@@ -522,7 +525,8 @@ def detection_metrics(gt: Sequence[np.ndarray], raw_boxes: Sequence[np.ndarray],
     if rank_scores is not None:
         raw_scores = [np.asarray(s, dtype=float).reshape(-1) for s in rank_scores]  # ranking for mAP only
     m = coco_map(gt, raw_boxes, raw_scores, max_dets=max_dets)
-    kept_pairs = [kept_detections(b, s, score_threshold, max_kept, nested_containment) for b, s in zip(raw_boxes, det_scores)]
+    kept_pairs = [kept_detections(b, s, score_threshold, max_kept, nested_containment, widefield)
+                  for b, s in zip(raw_boxes, det_scores)]
     kb, ks = [k[0] for k in kept_pairs], [k[1] for k in kept_pairs]
     r0 = recall_at_iou(gt, kb, ks, iou_thr=0.0)
     r50 = recall_at_iou(gt, kb, ks, iou_thr=0.5, one_to_one=True)
@@ -541,6 +545,7 @@ def detection_metrics(gt: Sequence[np.ndarray], raw_boxes: Sequence[np.ndarray],
         "score_threshold": score_threshold,
         "max_kept_per_image": max_kept,
         "nested_containment": nested_containment,
+        "widefield_rule": {"score_threshold": widefield[0], "min_lesions": widefield[1]} if widefield[0] > 0 else None,
         "detections_per_image_kept": {"mean": float(np.mean(kept)) if kept else float("nan"),
                                       "median": float(np.median(kept)) if kept else float("nan"),
                                       "images_with_none": int(sum(1 for k in kept if k == 0))},
@@ -645,6 +650,7 @@ class ReportContext:
     max_kept: int | None = MAX_LESIONS
     nested_containment: float = 0.0  # the pipeline's box selection (metadata pipeline.nested_containment)
     merge: tuple[float, float, float] = (0.0, 0.0, 0.0)  # lobe merging (merge_score, merge_iou, merge_min_area; 0 = off)
+    widefield: tuple[float, int] = (0.0, 0)  # many-lesion photos' score cut (box_selection.effective_threshold; 0 = off)
 
     def ok(self, key: str) -> bool:
         return self.status.get(key) == "ok"
@@ -703,7 +709,7 @@ def detection_section(one_class: Mapping[str, DetectionSet], c2: Mapping[str, De
             ranking = d.confidences if d.confidences is not None and len(d.confidences) == len(d.gt) else None
             m = detection_metrics(d.gt, d.boxes, d.scores, ctx.kept_threshold, n_boot=n_boot, seed=ctx.seed,
                                   max_kept=ctx.max_kept, nested_containment=ctx.nested_containment,
-                                  image_sides=d.image_sides, rank_scores=ranking)
+                                  image_sides=d.image_sides, rank_scores=ranking, widefield=ctx.widefield)
             m["description"], m["synthetic"] = d.description, d.synthetic
             if d.unmerged_boxes is not None and len(d.unmerged_boxes) == len(d.gt):
                 raw = coco_map(d.gt, d.unmerged_boxes, d.unmerged_scores)

@@ -47,6 +47,8 @@ class BoxRuleStudy:
 
     containments: tuple[float, ...] = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
     score_threshold: float = 0.5  # the shipped detector_score_threshold (not re-chosen here)
+    widefield: tuple[float, int] = (0.0, 0)  # the shipped many-lesion cut (box_selection.effective_threshold)
+    detection_floor: float | None = None  # keep detections down to this score (default: the lowest shipped cut)
     max_lesions: int = MAX_LESIONS
     aggregate: str = "mean"  # decide under the default aggregation
     min_gain: float = 0.005
@@ -66,17 +68,34 @@ class PhotoDetections:
     p_tta: np.ndarray | None = None  # the same boxes with flip test-time augmentation
 
 
+def detection_floor(pipe, study: BoxRuleStudy) -> float:
+    """The lowest score any shipped rule can keep: the score cut, or the many-lesion photos' lower cut
+    (``study.detection_floor`` when set: a study of lower cuts)."""
+    if study.detection_floor is not None:
+        return float(study.detection_floor)
+    low = float(pipe.settings.widefield_score_threshold)
+    return min(study.score_threshold, low) if low > 0 else study.score_threshold
+
+
+def detection_tag(pipe, rows: pd.DataFrame, study: BoxRuleStudy) -> str:
+    """Cache-name part for the validation detections: detector, photo count and (when lowered) the floor."""
+    floor = detection_floor(pipe, study)
+    suffix = "" if floor == study.score_threshold else f"_f{floor:g}"
+    return f"{pipe.metadata['models']['detector']['sha256'][:12]}_{len(rows)}{suffix}"
+
+
 def _raw_detections(pipe, rows: pd.DataFrame, study: BoxRuleStudy, data_root: Path | None, cache: Path) -> list[dict[str, Any]]:
-    """Every detection above the score cut per photo (+ HAM10000 squashed); cached per detector,
-    because the detector is the slow part and does not change when the classifier does."""
+    """Every detection above the floor (:func:`detection_floor`) per photo (+ HAM10000 squashed); cached per
+    detector, because the detector is the slow part and does not change when the classifier does."""
     if cache.exists():
         return pickle.loads(cache.read_bytes())
     jobs = [(r, False) for _, r in rows.iterrows()]
     jobs += [(r, True) for _, r in rows[rows["source"] == "ham10000"].iterrows()]
+    floor = detection_floor(pipe, study)
     out = []
     for r, squash in tqdm(jobs, desc="detect validation photos"):
         boxes, scores = pipe.detect_raw(_load(pipe, r, squash, data_root).rgb)
-        keep = np.flatnonzero(scores >= study.score_threshold)[: study.max_lesions * 3]
+        keep = np.flatnonzero(scores >= floor)[: study.max_lesions * 3]
         out.append({"path": r["path"], "squash": squash, "y": int(r["malignant"]), "boxes": boxes[keep], "scores": scores[keep],
                     "stratum": SQUASHED_STRATUM if squash else f"{r['source']}/{r['modality']}"})
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -89,8 +108,7 @@ def validation_detections(pipe, rows: pd.DataFrame, data_root: Path | None, stud
     """The validation photos' detections above the score cut (cached per detector), with the
     pipeline's lobe merging applied (``merged``; the merge study itself needs them raw)."""
     study = study or BoxRuleStudy()
-    tag = f"{pipe.metadata['models']['detector']['sha256'][:12]}_{len(rows)}"
-    dets = _raw_detections(pipe, rows, study, data_root, RUNS_DIR / "box_rule" / f"det_{tag}.pkl")
+    dets = _raw_detections(pipe, rows, study, data_root, RUNS_DIR / "box_rule" / f"det_{detection_tag(pipe, rows, study)}.pkl")
     if not merged:
         return dets
     sizes = photo_sizes(pipe, dets, data_root, RUNS_DIR / "box_rule" / f"sizes_{len(rows)}.pkl")
@@ -132,7 +150,7 @@ def _load(pipe, r: pd.Series, squash: bool, data_root: Path | None):
 def collect(pipe, rows: pd.DataFrame, study: BoxRuleStudy, data_root: Path | None, cache_dir: Path) -> list[PhotoDetections]:
     """Detections + per-box malignancy (the shipped classifier, temperature-scaled) for every photo."""
     meta = pipe.metadata["models"]
-    tag = f"{meta['detector']['sha256'][:12]}_{len(rows)}"
+    tag = detection_tag(pipe, rows, study)
     classified = cache_dir / f"photos_{tag}_{meta['classifier']['sha256'][:12]}{merge_tag(pipe.settings)}.pkl"
     if classified.exists():  # re-deciding with other candidates costs no network run
         return pickle.loads(classified.read_bytes())
@@ -158,11 +176,11 @@ def stratum_aucs(df: pd.DataFrame) -> dict[str, float]:
 
 
 def score_rule(photos: list[PhotoDetections], containment: float, agg: str, score_threshold: float,
-               max_lesions: int, tta: bool = False) -> pd.DataFrame:
+               max_lesions: int, tta: bool = False, widefield: tuple[float, int] = (0.0, 0)) -> pd.DataFrame:
     """Image score per photo under one rule."""
     recs = []
     for ph in photos:
-        keep = select_boxes(ph.boxes, ph.scores, score_threshold, max_lesions, containment)
+        keep = select_boxes(ph.boxes, ph.scores, score_threshold, max_lesions, containment, widefield)
         p = ph.p_tta if tta and len(keep) <= PipelineSettings.flip_tta_max_crops else ph.p  # the pipeline's rule
         recs.append({"stratum": ph.stratum, "y": ph.y, "score": aggregate(p[keep], agg), "n": len(keep)})
     return pd.DataFrame(recs)
@@ -173,7 +191,7 @@ def rule_table(photos: list[PhotoDetections], study: BoxRuleStudy) -> pd.DataFra
     rows = []
     ttas = (False, True) if all(ph.p_tta is not None for ph in photos) else (False,)
     for c, tta, agg in ((c, t, a) for c in study.containments for t in ttas for a in AGGREGATORS):
-        df = score_rule(photos, c, agg, study.score_threshold, study.max_lesions, tta)
+        df = score_rule(photos, c, agg, study.score_threshold, study.max_lesions, tta, study.widefield)
         rec: dict[str, Any] = {"containment": c, "flip_tta": tta, "aggregate": agg, "mean_lesions": float(df["n"].mean())}
         aucs = stratum_aucs(df)
         rec.update(aucs)
@@ -208,9 +226,9 @@ def choose_box_rule(models_dir: Path = MODELS_DIR, manifest_path: Path | None = 
     """Run the study and store the chosen rule in metadata.json; returns the decision record."""
     from lesiontriage.pipeline import TriagePipeline
 
-    study = study or BoxRuleStudy()
     manifest = load_manifest(manifest_path)
     pipe = TriagePipeline.from_dir(models_dir, load_image_classifier=False)
+    study = study or BoxRuleStudy(widefield=pipe.settings.widefield)
     rows = validation_images(manifest, study.targets)
     meta = read_metadata(models_dir)
     photos = collect(pipe, rows, study, data_root, RUNS_DIR / "box_rule")

@@ -233,7 +233,7 @@ def _closeups(pipe, rows: pd.DataFrame, data_root: Path | None, cache: Path) -> 
     frames = _frame_views(pipe, dets, data_root, cache.parent / f"frame_{clf_tag}_{len(rows)}.pkl")
     out = []
     for ph, e, fp in zip(photos, extra, frames):
-        keep = select_boxes(ph.boxes, ph.scores, s.detector_score_threshold, s.max_lesions, s.nested_containment)
+        keep = select_boxes(ph.boxes, ph.scores, s.detector_score_threshold, s.max_lesions, s.nested_containment, s.widefield)
         p = ph.p_tta if s.tta_for(len(keep)) and ph.p_tta is not None else ph.p
         out.append(CloseUp(ph.stratum, ph.y, np.asarray(p)[keep], largest_box_fraction(ph.boxes[keep], e["width"], e["height"]),
                            e["whole_p"], fp))

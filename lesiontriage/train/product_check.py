@@ -76,7 +76,7 @@ def _candidate_photos(pipe, base: list[CloseUp], dets: list[dict[str, Any]], dat
     out = []
     for d, ph in tqdm(list(zip(dets, base)), desc="validation photos (candidate)"):
         rgb = _load(pipe, pd.Series({"path": d["path"]}), d["squash"], data_root).rgb
-        keep = select_boxes(d["boxes"], d["scores"], s.detector_score_threshold, s.max_lesions, s.nested_containment)
+        keep = select_boxes(d["boxes"], d["scores"], s.detector_score_threshold, s.max_lesions, s.nested_containment, s.widefield)
         lesion_p = pipe.lesion_probabilities(rgb, d["boxes"][keep])[0] if len(keep) else np.zeros(0)
         frame_p = float(pipe.lesion_probabilities(rgb)[0][0])
         out.append(CloseUp(ph.stratum, ph.y, np.asarray(lesion_p, dtype=np.float64), ph.box_fraction, ph.whole_p, frame_p))
