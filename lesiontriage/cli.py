@@ -253,6 +253,12 @@ def predict(
 
 
 # ---- train ------------------------------------------------------------------------------------
+def _print_table(rows: list[dict]) -> None:
+    """A validation study's candidate table, one line per candidate."""
+    for row in rows:
+        console.print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+
 _TRAIN_DEFAULTS = {"detector": "detector", "classifier": "classifier", "image-classifier": "image_classifier"}
 
 
@@ -284,8 +290,7 @@ def train(
         from lesiontriage.train.common import command_line
 
         record = choose_box_rule(manifest_path=manifest, data_root=data_root, command=command_line())
-        for row in record["table"]:
-            console.print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        _print_table(record["table"])
         console.print(f"chosen nested_containment = {record['nested_containment']}, flip_tta = {record['flip_tta']} "
                       "(run `lesiontriage train tiers` next)")
         return
@@ -294,8 +299,7 @@ def train(
         from lesiontriage.train.common import command_line
 
         record = choose_box_merge(manifest_path=manifest, data_root=data_root, command=command_line())
-        for row in record["table"]:
-            console.print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        _print_table(record["table"])
         console.print(f"chosen merge_score = {record['merge_score']}, merge_iou = {record['merge_iou']}, "
                       f"merge_min_area = {record['merge_min_area']} "
                       "(run `lesiontriage train box-rule`, `train hybrid` and `train tiers` next)")
@@ -305,8 +309,7 @@ def train(
         from lesiontriage.train.widefield_rule import choose_widefield_rule
 
         record = choose_widefield_rule(manifest_path=manifest, data_root=data_root, command=command_line())
-        for row in record["table"]:
-            console.print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        _print_table(record["table"])
         console.print(f"chosen widefield_score_threshold = {record['widefield_score_threshold']}, widefield_min_lesions = "
                       f"{record['widefield_min_lesions']} (run `lesiontriage train hybrid` and `train tiers` next)")
         return
@@ -327,8 +330,7 @@ def train(
             record = choose_hybrid(manifest_path=manifest, data_root=data_root, command=command_line())
         except (LesionTriageError, FileNotFoundError) as exc:
             _fail(str(exc))
-        for row in record["table"]:
-            console.print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        _print_table(record["table"])
         console.print(f"chosen whole_image_weight = {record['whole_image_weight']}, full_frame_weight = "
                       f"{record['full_frame_weight']}, close-up gate = "
                       f"{record['closeup_min_box_fraction']}, soft gate from = {record.get('closeup_ramp_from')}, "

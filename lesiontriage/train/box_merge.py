@@ -136,6 +136,16 @@ def detection_photos(pipe, manifest: pd.DataFrame, study: BoxMergeStudy, data_ro
     return out
 
 
+def validation_photos(pipe, manifest: pd.DataFrame, data_root: Path | None, study: BoxMergeStudy | None = None
+                      ) -> list[DetectedPhoto]:
+    """:func:`detection_photos` under the shipped detector's cache name (shared by the merge, box-rescorer
+    and many-lesion studies, so the detector runs once per weights)."""
+    study = study or BoxMergeStudy()
+    det_sha = pipe.metadata["models"]["detector"]["sha256"][:12]
+    cache = RUNS_DIR / "box_merge" / f"det_{det_sha}_{study.ham_photos}_{study.seed}_v3.pkl"
+    return detection_photos(pipe, manifest, study, data_root, cache)
+
+
 def detection_scores(photos: list[DetectedPhoto], merge_score: float, merge_iou: float, study: BoxMergeStudy,
                      min_area: float = 0.0) -> dict[str, float]:
     """mAP on the HAM10000 photos and recall / mAP / box counts on each guarded set under one rule."""
@@ -231,7 +241,7 @@ def choose_box_merge(models_dir: Path = MODELS_DIR, manifest_path: Path | None =
     meta = read_metadata(models_dir)
     det_sha, clf_sha = (meta["models"][k]["sha256"][:12] for k in ("detector", "classifier"))
     out_dir = RUNS_DIR / "box_merge"
-    photos = detection_photos(pipe, manifest, study, data_root, out_dir / f"det_{det_sha}_{study.ham_photos}_{study.seed}_v3.pkl")
+    photos = validation_photos(pipe, manifest, data_root, study)
     rows = validation_images(manifest, BoxRuleStudy().targets)
     rule_study = BoxRuleStudy(score_threshold=study.score_threshold, max_lesions=study.max_lesions)
     dets = validation_detections(pipe, rows, data_root, rule_study, merged=False)

@@ -30,7 +30,7 @@ from lesiontriage.box_selection import merge_overlapping
 from lesiontriage.data.manifest import load_manifest
 from lesiontriage.evaluate.detection import box_iou, coco_map
 from lesiontriage.paths import MODELS_DIR, RUNS_DIR
-from lesiontriage.train.box_merge import GUARDED_SETS, BoxMergeStudy, DetectedPhoto, detection_photos
+from lesiontriage.train.box_merge import GUARDED_SETS, DetectedPhoto, validation_photos
 from lesiontriage.train.box_rule import decision_stamp
 from lesiontriage.weights import read_metadata, write_metadata
 
@@ -177,13 +177,11 @@ def train_box_rescorer(models_dir: Path = MODELS_DIR, manifest_path: Path | None
     from lesiontriage.pipeline import TriagePipeline
 
     cfg = cfg or BoxRescorerConfig()
-    study = BoxMergeStudy()
     manifest = load_manifest(manifest_path)
     pipe = TriagePipeline.from_dir(models_dir, load_image_classifier=False)
     meta = read_metadata(models_dir)
     det_sha = meta["models"]["detector"]["sha256"][:12]
-    photos = detection_photos(pipe, manifest, study, data_root,
-                              RUNS_DIR / "box_merge" / f"det_{det_sha}_{study.ham_photos}_{study.seed}_v3.pkl")
+    photos = validation_photos(pipe, manifest, data_root)
     if cfg.extra_scenes:
         photos = photos + extra_scene_photos(pipe, manifest, cfg, data_root, det_sha)
     s = pipe.settings

@@ -38,7 +38,7 @@ from lesiontriage.box_selection import MAX_LESIONS, merge_overlapping, select_bo
 from lesiontriage.data.manifest import load_manifest
 from lesiontriage.evaluate.detection import box_iou, recall_at_iou
 from lesiontriage.paths import MODELS_DIR, RUNS_DIR
-from lesiontriage.train.box_merge import BoxMergeStudy, DetectedPhoto, UnionClassifier, detection_photos
+from lesiontriage.train.box_merge import DetectedPhoto, UnionClassifier, validation_photos
 from lesiontriage.train.box_rescorer import BoxRescorerConfig, extra_scene_photos
 from lesiontriage.train.box_rule import BoxRuleStudy, decision_stamp, stratum_aucs, validation_detections
 from lesiontriage.train.tiers import validation_images
@@ -176,9 +176,8 @@ def choose_widefield_rule(models_dir: Path = MODELS_DIR, manifest_path: Path | N
     pipe = TriagePipeline.from_dir(models_dir, load_image_classifier=False)
     meta = read_metadata(models_dir)
     det_sha, clf_sha = (meta["models"][k]["sha256"][:12] for k in ("detector", "classifier"))
-    merge_study, rescorer_cfg = BoxMergeStudy(), BoxRescorerConfig()
-    photos = detection_photos(pipe, manifest, merge_study, data_root,
-                              RUNS_DIR / "box_merge" / f"det_{det_sha}_{merge_study.ham_photos}_{merge_study.seed}_v3.pkl")
+    rescorer_cfg = BoxRescorerConfig()
+    photos = validation_photos(pipe, manifest, data_root)
     extra = extra_scene_photos(pipe, manifest, rescorer_cfg, data_root, det_sha)
     merged = [(p, *_merge(pipe, p.boxes, p.scores, p.size)) for p in photos + extra]
     # the box-rule photos' detections down to the lowest candidate cut, lobes merged as shipped
