@@ -102,26 +102,18 @@ def detection_scores(photos: list[tuple[DetectedPhoto, np.ndarray, np.ndarray]],
     return out
 
 
-def scene_photos(pipe, extra: list[DetectedPhoto], cfg: BoxRescorerConfig) -> list[ScenePhoto]:
-    """Box-merge's 40 validation scenes and the rescorer's extra ones, with labels and paths."""
+def scene_photos(pipe, base: list[DetectedPhoto], extra: list[DetectedPhoto]) -> list[ScenePhoto]:
+    """Box-merge's validation scenes (``base``) and the rescorer's extra ones (``extra``), whose raw detections
+    are already cached in their index order, with labels and paths and lobes merged as shipped."""
     out = []
-    for folder, limit in (("val", None), ("val_rescorer", cfg.extra_scenes)):
+    for folder, dets in (("val", base), ("val_rescorer", extra)):
         index_path = RUNS_DIR / "scenes" / folder / "scenes.parquet"
-        if not index_path.is_file():
+        if not dets or not index_path.is_file():
             continue
-        index = pd.read_parquet(index_path)
-        index = index if limit is None else index.head(limit)
-        dets = None if folder == "val" else extra
-        for i, (_, r) in enumerate(index.iterrows()):
-            path = str(RUNS_DIR / "scenes" / folder / str(r["path"]))
-            if dets is None:
-                img = pipe.load(path)
-                b, s = pipe.detect_raw(img.rgb)
-                b, s, size = b / float(img.scale), s, (int(img.orig_width), int(img.orig_height))
-            else:
-                b, s, size = dets[i].boxes, dets[i].scores, dets[i].size
-            b, s = _merge(pipe, b, s, size)
-            out.append(ScenePhoto(path, int(bool(r["any_malignant"])), b, s))
+        index = pd.read_parquet(index_path).head(len(dets))
+        for det, (_, r) in zip(dets, index.iterrows()):
+            b, s = _merge(pipe, det.boxes, det.scores, det.size)
+            out.append(ScenePhoto(str(RUNS_DIR / "scenes" / folder / str(r["path"])), int(bool(r["any_malignant"])), b, s))
     return out
 
 
@@ -184,7 +176,7 @@ def choose_widefield_rule(models_dir: Path = MODELS_DIR, manifest_path: Path | N
     rows = validation_images(manifest, BoxRuleStudy().targets)
     dets = validation_detections(pipe, rows, data_root, BoxRuleStudy(detection_floor=min(study.thresholds)))
     clf = UnionClassifier(pipe, data_root, RUNS_DIR / "box_merge" / f"p_{det_sha}_{clf_sha}_tta{int(pipe.settings.flip_tta)}.pkl")
-    scenes = scene_photos(pipe, extra, rescorer_cfg)
+    scenes = scene_photos(pipe, [p for p in photos if p.kind == "scenes"], extra)
     nested = float(pipe.settings.nested_containment)
     table = []
     grid = [(0.0, 0)] + [(t, m) for t in study.thresholds for m in study.min_lesions]
