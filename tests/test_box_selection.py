@@ -229,3 +229,24 @@ def test_widefield_rule_choice_needs_a_mole_gain_and_guards():
     rows[1]["scene_auc"] = rows[2]["scene_auc"] = 0.90
     rows[1]["ham10000_recall"] = rows[2]["ham10000_recall"] = 0.99
     assert choose(pd.DataFrame(rows), study) == (0.0, 0)  # a close-up set lost recall
+
+
+def test_widefield_study_counts_recall_precision_and_kept_boxes_per_set():
+    from lesiontriage.train.box_merge import DetectedPhoto
+    from lesiontriage.train.widefield_rule import WidefieldStudy, detection_scores
+
+    boxes, scores = _moles(8)  # 8 confident moles + one faint one at 0.35
+    gt = boxes.copy()  # every box is a real mole
+    back = DetectedPhoto("moles", gt, boxes, scores, (400, 40))
+    # a close-up: one lesion and a faint fragment elsewhere (not a lesion)
+    close = DetectedPhoto("ham10000", np.array([[10.0, 10, 90, 90]]), np.array([[10.0, 10, 90, 90], [150, 150, 160, 160]]),
+                          np.array([0.9, 0.35]), (200, 200))
+    photos = [(p, p.boxes, p.scores) for p in (back, close)]
+    off = detection_scores(photos, (0.0, 0), WidefieldStudy())
+    on = detection_scores(photos, (0.3, 8), WidefieldStudy())
+    assert off["moles_recall"] == pytest.approx(8 / 9) and on["moles_recall"] == 1.0
+    assert off["moles_kept_per_photo"] == 8 and on["moles_kept_per_photo"] == 9
+    assert on["moles_precision"] == 1.0
+    # the close-up has one confident box: the lower cut does not apply, the fragment stays out
+    assert on["ham10000_kept_per_photo"] == off["ham10000_kept_per_photo"] == 1
+    assert on["ham10000_precision"] == 1.0
