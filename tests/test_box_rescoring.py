@@ -140,3 +140,21 @@ def test_shipped_rescorer_matches_the_shipped_detector_and_features():
     c = model.score(boxes, scores, size)
     assert c.shape == (3,) and np.all((c >= 0) & (c <= 1))
     assert meta["pipeline"]["box_rescorer_choice"]["shipped"] is True
+
+
+def test_box_table_labels_the_merged_boxes_the_product_would_show():
+    from lesiontriage.train.box_merge import DetectedPhoto
+    from lesiontriage.train.box_rescorer import box_table, map_by_set, per_photo
+
+    lesion = np.array([[100.0, 60, 300, 240]])
+    # two confident overlapping lobes of the lesion (each IoU < 0.5) and a faint patch elsewhere
+    raw = np.array([[100.0, 60, 190, 240], [185, 60, 280, 240], [0, 0, 30, 20]])
+    photo = DetectedPhoto("ham10000", lesion, raw, np.array([0.95, 0.9, 0.4]), (400, 300))
+    unmerged = box_table([photo], (0.0, 0.0, 0.0))
+    assert unmerged.labels.tolist() == [0, 0, 0]
+    merged = box_table([photo], (0.7, 0.0, 0.05))  # the lobes become their union, as in the product
+    assert len(merged.labels) == 2 and merged.labels.tolist() == [1, 0]
+    np.testing.assert_allclose(merged.boxes[0][0], [100, 60, 280, 240])  # IoU 0.9 with the lesion
+    assert merged.features.shape == (2, len(FEATURE_NAMES))
+    # ranking the photo's boxes by a perfect confidence gives mAP 1 for its set
+    assert map_by_set(merged, per_photo(merged, merged.labels.astype(float)))["ham10000"] == pytest.approx(1.0)
