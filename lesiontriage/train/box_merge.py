@@ -43,13 +43,13 @@ from tqdm.auto import tqdm
 
 from lesiontriage.aggregation import aggregate
 from lesiontriage.box_selection import MAX_LESIONS, merge_overlapping, select_boxes
-from lesiontriage.data.manifest import load_manifest, resolve_path
+from lesiontriage.data.manifest import resolve_path
 from lesiontriage.evaluate.detection import coco_map, recall_at_iou
 from lesiontriage.paths import MODELS_DIR, RUNS_DIR
-from lesiontriage.train.box_rule import (BoxRuleStudy, _load, decision_stamp, photo_sizes, stratum_aucs,
+from lesiontriage.train.box_rule import (BoxRuleStudy, _load, decision_stamp, photo_sizes, stratum_aucs, study_inputs,
                                          validation_detections)
 from lesiontriage.train.tiers import validation_images
-from lesiontriage.weights import read_metadata, write_metadata
+from lesiontriage.weights import write_metadata
 
 log = logging.getLogger(__name__)
 
@@ -233,13 +233,10 @@ def choose(table: pd.DataFrame, study: BoxMergeStudy) -> tuple[float, float, flo
 def choose_box_merge(models_dir: Path = MODELS_DIR, manifest_path: Path | None = None, data_root: Path | None = None,
                      study: BoxMergeStudy | None = None, command: str = "") -> dict[str, Any]:
     """Run the study and store the chosen rule in metadata.json; returns the decision record."""
-    from lesiontriage.pipeline import TriagePipeline
-
     study = study or BoxMergeStudy()
-    manifest = load_manifest(manifest_path)
-    pipe = TriagePipeline.from_dir(models_dir, load_image_classifier=False)
-    meta = read_metadata(models_dir)
-    det_sha, clf_sha = (meta["models"][k]["sha256"][:12] for k in ("detector", "classifier"))
+    inputs = study_inputs(models_dir, manifest_path)
+    manifest, pipe, meta = inputs.manifest, inputs.pipe, inputs.meta
+    det_sha, clf_sha = inputs.sha("detector"), inputs.sha("classifier")
     out_dir = RUNS_DIR / "box_merge"
     photos = validation_photos(pipe, manifest, data_root, study)
     rows = validation_images(manifest, BoxRuleStudy().targets)

@@ -27,12 +27,11 @@ import pandas as pd
 
 from lesiontriage.box_rescoring import FEATURE_NAMES, BoxRescorer, box_features
 from lesiontriage.box_selection import merge_overlapping
-from lesiontriage.data.manifest import load_manifest
 from lesiontriage.evaluate.detection import box_iou, coco_map
 from lesiontriage.paths import MODELS_DIR, RUNS_DIR
 from lesiontriage.train.box_merge import GUARDED_SETS, DetectedPhoto, validation_photos
-from lesiontriage.train.box_rule import decision_stamp
-from lesiontriage.weights import read_metadata, write_metadata
+from lesiontriage.train.box_rule import decision_stamp, study_inputs
+from lesiontriage.weights import write_metadata
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +173,10 @@ def decide(baseline: dict[str, float], cv: dict[str, float], cfg: BoxRescorerCon
 def train_box_rescorer(models_dir: Path = MODELS_DIR, manifest_path: Path | None = None, data_root: Path | None = None,
                        cfg: BoxRescorerConfig | None = None, command: str = "") -> dict[str, Any]:
     """Cross-validate, decide, refit on every validation photo and ship (or record "off"); returns the record."""
-    from lesiontriage.pipeline import TriagePipeline
-
     cfg = cfg or BoxRescorerConfig()
-    manifest = load_manifest(manifest_path)
-    pipe = TriagePipeline.from_dir(models_dir, load_image_classifier=False)
-    meta = read_metadata(models_dir)
-    det_sha = meta["models"]["detector"]["sha256"][:12]
+    inputs = study_inputs(models_dir, manifest_path)
+    manifest, pipe, meta = inputs.manifest, inputs.pipe, inputs.meta
+    det_sha = inputs.sha("detector")
     photos = validation_photos(pipe, manifest, data_root)
     if cfg.extra_scenes:
         photos = photos + extra_scene_photos(pipe, manifest, cfg, data_root, det_sha)

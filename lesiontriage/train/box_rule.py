@@ -214,6 +214,27 @@ def choose(table: pd.DataFrame, study: BoxRuleStudy) -> tuple[float, bool]:
     return chosen, tta
 
 
+@dataclass
+class StudyInputs:
+    """What every validation study starts from: the manifest, the shipped pipeline and its metadata."""
+
+    manifest: pd.DataFrame
+    pipe: Any  # TriagePipeline (imported lazily: the pipeline imports this package's neighbours)
+    meta: dict[str, Any]
+
+    def sha(self, model: str) -> str:
+        """The first 12 hex digits of a shipped model's sha256 (cache names)."""
+        return str(self.meta["models"][model]["sha256"])[:12]
+
+
+def study_inputs(models_dir: Path, manifest_path: Path | None) -> StudyInputs:
+    """Load the manifest, the shipped pipeline (no whole-image classifier) and metadata.json."""
+    from lesiontriage.pipeline import TriagePipeline
+
+    return StudyInputs(load_manifest(manifest_path), TriagePipeline.from_dir(models_dir, load_image_classifier=False),
+                       read_metadata(models_dir))
+
+
 def decision_stamp(manifest: pd.DataFrame, meta: dict[str, Any], command: str) -> dict[str, Any]:
     """What a validation decision was made from: manifest, detector + classifier weights, command, date."""
     return {"manifest_hash": manifest_hash(manifest),

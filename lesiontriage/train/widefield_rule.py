@@ -35,14 +35,13 @@ from tqdm.auto import tqdm
 
 from lesiontriage.aggregation import aggregate
 from lesiontriage.box_selection import MAX_LESIONS, merge_overlapping, select_boxes
-from lesiontriage.data.manifest import load_manifest
 from lesiontriage.evaluate.detection import box_iou, recall_at_iou
 from lesiontriage.paths import MODELS_DIR, RUNS_DIR
 from lesiontriage.train.box_merge import DetectedPhoto, UnionClassifier, validation_photos
 from lesiontriage.train.box_rescorer import BoxRescorerConfig, extra_scene_photos
-from lesiontriage.train.box_rule import BoxRuleStudy, decision_stamp, stratum_aucs, validation_detections
+from lesiontriage.train.box_rule import BoxRuleStudy, decision_stamp, stratum_aucs, study_inputs, validation_detections
 from lesiontriage.train.tiers import validation_images
-from lesiontriage.weights import read_metadata, write_metadata
+from lesiontriage.weights import write_metadata
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +160,10 @@ def choose(table: pd.DataFrame, study: WidefieldStudy) -> tuple[float, int]:
 def choose_widefield_rule(models_dir: Path = MODELS_DIR, manifest_path: Path | None = None, data_root: Path | None = None,
                           study: WidefieldStudy | None = None, command: str = "") -> dict[str, Any]:
     """Run the study and store the chosen rule in metadata.json; returns the decision record."""
-    from lesiontriage.pipeline import TriagePipeline
-
     study = study or WidefieldStudy()
-    manifest = load_manifest(manifest_path)
-    pipe = TriagePipeline.from_dir(models_dir, load_image_classifier=False)
-    meta = read_metadata(models_dir)
-    det_sha, clf_sha = (meta["models"][k]["sha256"][:12] for k in ("detector", "classifier"))
+    inputs = study_inputs(models_dir, manifest_path)
+    manifest, pipe, meta = inputs.manifest, inputs.pipe, inputs.meta
+    det_sha, clf_sha = inputs.sha("detector"), inputs.sha("classifier")
     rescorer_cfg = BoxRescorerConfig()
     photos = validation_photos(pipe, manifest, data_root)
     extra = extra_scene_photos(pipe, manifest, rescorer_cfg, data_root, det_sha)
