@@ -271,6 +271,9 @@ def train(
     data_root: Optional[Path] = typer.Option(None, "--data-root"),
     export: bool = typer.Option(True, "--export/--no-export", help="Write the best weights + metadata to models/"),
     export_only: bool = typer.Option(False, "--export-only", help="Skip training; export the finished run in runs/<name>/"),
+    export_weights: str = typer.Option("best.pt", "--export-weights",
+                                       help="Which file of runs/<name>/ to export: best.pt (the run's own validation "
+                                            "criterion) or checkpoint.pt (its last epoch)"),
     check_product: bool = typer.Option(False, "--check-product",
                                        help="classifier: skip training; score the run's checkpoints on the product's "
                                             "validation score next to the shipped classifier (decides an export)"),
@@ -375,7 +378,12 @@ def train(
     if export:
         from lesiontriage.train.export import export_run
 
-        path = export_run(model, out, data_root=data_root, manifest_path=manifest)
+        if export_weights not in ("best.pt", "checkpoint.pt"):
+            _fail(f"--export-weights must be best.pt or checkpoint.pt, got {export_weights!r}")
+        try:
+            path = export_run(model, out, data_root=data_root, manifest_path=manifest, weights_file=export_weights)
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
         console.print(f"exported to {path}")
 
 

@@ -179,3 +179,38 @@ def test_whole_frame_share_shows_boxed_rows_as_the_whole_photo():
     some = LesionImageDataset(rows, train=True, whole_frame_prob=0.3, **kw)
     share = np.mean([some.region(0, np.random.default_rng(i)).shape == img.shape for i in range(400)])
     assert 0.2 < share < 0.4
+
+
+def test_export_can_ship_the_last_epoch_instead_of_the_best_one(tiny, tmp_path, monkeypatch):
+    """A whole-image view is judged on the product's blended score, not on its own validation AUC, so
+    `train image-classifier --export-only --export-weights checkpoint.pt` ships the last epoch."""
+    from dataclasses import asdict
+
+    import lesiontriage.train.classifier as clf
+    from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier
+    from lesiontriage.train.export import export_run
+    from lesiontriage.weights import load_weights, read_metadata
+
+    root, manifest = tiny
+    start = LesionClassifier(ClassifierConfig.from_dict({"input_size": 64}), pretrained=False).state_dict()
+    monkeypatch.setattr(clf, "load_shipped_state", lambda key: start)
+    cfg = clf.ClassifierTrainConfig(name="tiny_whole", mode="whole", network={"input_size": 64}, sources=["ham10000"],
+                                    source_shares={"ham10000": 1.0}, epoch_samples=16, batch_size=8, warmup_epochs=0,
+                                    epochs=1, num_workers=0, bf16=False, init_from="classifier", lr=0.05, head_lr=0.05)
+    out = clf.ClassifierTrainer(cfg, manifest_path=manifest, data_root=root).fit()
+    out.update(config=asdict(cfg), command="lesiontriage train image-classifier (test)", manifest_hash="test")
+    run_dir = tmp_path / "runs" / "tiny_whole"
+    last = torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
+    models_dir = tmp_path / "models"
+    export_run("image-classifier", out, data_root=root, manifest_path=manifest, models_dir=models_dir,
+               weights_file="checkpoint.pt")
+    entry = read_metadata(models_dir)["models"]["image_classifier"]
+    assert entry["kind"] == "whole_image_classifier"
+    assert entry["validation"]["exported_from"] == "checkpoint.pt"
+    assert entry["validation"]["best_epoch"] == 1  # checkpoint.pt: the run's epoch counter after its last epoch
+    shipped = load_weights(models_dir / entry["file"], entry["sha256"])
+    key = "malignant_head.weight"
+    assert torch.allclose(shipped[key].float(), last[key].float(), atol=1e-3)
+    assert not torch.allclose(last[key].float(), start[key].float(), atol=1e-3)  # it trained: not the start point
+    with pytest.raises(ValueError, match="best.pt only"):
+        export_run("detector", out, models_dir=models_dir, weights_file="checkpoint.pt")

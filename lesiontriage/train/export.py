@@ -60,7 +60,8 @@ def _fp16_check(model_factory, state: dict[str, torch.Tensor], evaluate) -> dict
     return {"fp32": evaluate(m32), "fp16": evaluate(m16)}
 
 
-def export_classifier(key: str, out: dict[str, Any], models_dir: Path, data_root: Path | None, manifest_path: Path | None) -> Path:
+def export_classifier(key: str, out: dict[str, Any], models_dir: Path, data_root: Path | None, manifest_path: Path | None,
+                      weights_file: str = "best.pt") -> Path:
     from lesiontriage.evaluate.calibration import fit_temperature
     from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier
     from lesiontriage.train.classifier import ClassifierTrainer, ClassifierTrainConfig, predict_logits, strata_auc
@@ -68,7 +69,7 @@ def export_classifier(key: str, out: dict[str, Any], models_dir: Path, data_root
     cfg = ClassifierTrainConfig(**out["config"])
     trainer_cls = ClassifierTrainer.__new__(ClassifierTrainer)  # reuse dataset building without a new model
     ClassifierTrainer.__init__(trainer_cls, cfg, manifest_path=manifest_path, data_root=data_root)
-    best = torch.load(Path(out["run_dir"]) / "best.pt", map_location="cpu", weights_only=False)
+    best = torch.load(Path(out["run_dir"]) / weights_file, map_location="cpu", weights_only=False)
     net_cfg = ClassifierConfig.from_dict(cfg.network)
 
     def factory():
@@ -103,7 +104,8 @@ def export_classifier(key: str, out: dict[str, Any], models_dir: Path, data_root
         "temperature": temperature,
         "dtype": "float16" if fp16 else "float32",
         "fp16_check_val_macro_auc": check,
-        "validation": {"auc_by_stratum": aucs, "n": int(len(y)), "n_malignant": int(y.sum()), "best_epoch": best["epoch"]},
+        "validation": {"auc_by_stratum": aucs, "n": int(len(y)), "n_malignant": int(y.sum()), "best_epoch": best["epoch"],
+                       "exported_from": weights_file},
         "training": {"command": out["command"], "manifest_hash": out["manifest_hash"], "config": out["config"],
                      "history": out["history"], "sources": cfg.sources},
         "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -144,9 +146,14 @@ def export_detector(out: dict[str, Any], models_dir: Path) -> Path:
 
 
 def export_run(model: str, out: dict[str, Any], *, data_root: Path | None = None, manifest_path: Path | None = None,
-               models_dir: Path = MODELS_DIR) -> Path:
+               models_dir: Path = MODELS_DIR, weights_file: str = "best.pt") -> Path:
+    """Write a finished run's weights + metadata to ``models_dir``. ``weights_file`` picks the run's file:
+    ``best.pt`` (its own validation criterion) by default; a view judged on the product's blended score
+    (the whole-image classifier: ``train hybrid`` decides its weight) may ship ``checkpoint.pt``, the last epoch."""
     models_dir.mkdir(parents=True, exist_ok=True)
     if model == "detector":
+        if weights_file != "best.pt":
+            raise ValueError("the detector exports best.pt only")
         return export_detector(out, models_dir)
     key = out["config"].get("export_key") or ("classifier" if model == "classifier" else "image_classifier")
-    return export_classifier(key, out, models_dir, data_root, manifest_path)
+    return export_classifier(key, out, models_dir, data_root, manifest_path, weights_file=weights_file)
