@@ -104,8 +104,9 @@ def export_classifier(key: str, out: dict[str, Any], models_dir: Path, data_root
         "temperature": temperature,
         "dtype": "float16" if fp16 else "float32",
         "fp16_check_val_macro_auc": check,
-        "validation": {"auc_by_stratum": aucs, "n": int(len(y)), "n_malignant": int(y.sum()), "best_epoch": best["epoch"],
-                       "exported_from": weights_file},
+        "validation": {"auc_by_stratum": aucs, "n": int(len(y)), "n_malignant": int(y.sum()), "exported_from": weights_file,
+                       # best.pt stores its epoch; checkpoint.pt stores the next epoch to run (the last one done + 1)
+                       **({"best_epoch": best["epoch"]} if weights_file == "best.pt" else {"last_epoch": best["epoch"] - 1})},
         "training": {"command": out["command"], "manifest_hash": out["manifest_hash"], "config": out["config"],
                      "history": out["history"], "sources": cfg.sources},
         "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
