@@ -345,6 +345,8 @@ def train(
     if model not in _TRAIN_DEFAULTS:
         _fail(f"unknown model {model!r}; choose one of {', '.join(_TRAIN_DEFAULTS)}, box-merge, box-rescorer, box-rule, widefield-rule, hybrid, tiers")
     cfg = config or _TRAIN_DEFAULTS[model]
+    if export_weights not in ("best.pt", "checkpoint.pt"):  # checked before a run, not after it
+        _fail(f"--export-weights must be best.pt or checkpoint.pt, got {export_weights!r}")
     if check_product:
         if model != "classifier":
             _fail("--check-product applies to the lesion classifier only")
@@ -378,8 +380,6 @@ def train(
     if export:
         from lesiontriage.train.export import export_run
 
-        if export_weights not in ("best.pt", "checkpoint.pt"):
-            _fail(f"--export-weights must be best.pt or checkpoint.pt, got {export_weights!r}")
         try:
             path = export_run(model, out, data_root=data_root, manifest_path=manifest, weights_file=export_weights)
         except (FileNotFoundError, ValueError) as exc:

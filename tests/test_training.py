@@ -214,3 +214,17 @@ def test_export_can_ship_the_last_epoch_instead_of_the_best_one(tiny, tmp_path, 
     assert not torch.allclose(last[key].float(), start[key].float(), atol=1e-3)  # it trained: not the start point
     with pytest.raises(ValueError, match="best.pt only"):
         export_run("detector", out, models_dir=models_dir, weights_file="checkpoint.pt")
+
+
+def test_cli_rejects_an_unknown_export_file_before_training(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import lesiontriage.train.classifier as clf
+    from lesiontriage.cli import app
+
+    started = []
+    monkeypatch.setattr(clf, "run_training", lambda *a, **k: started.append(a))
+    res = CliRunner().invoke(app, ["train", "image-classifier", "--export-weights", "last.pt"])
+    assert res.exit_code == 1
+    assert "last.pt" in res.output and "Traceback" not in res.output
+    assert started == []  # refused before any training starts
