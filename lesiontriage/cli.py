@@ -262,9 +262,30 @@ def _print_table(rows: list[dict]) -> None:
 _TRAIN_DEFAULTS = {"detector": "detector", "classifier": "classifier", "image-classifier": "image_classifier"}
 
 
+def _train_soup(runs: Optional[str], name: str, *, export: bool, manifest: Optional[Path],
+                data_root: Optional[Path]) -> None:
+    """`train soup`: greedy weight soup of finished runs, exported only when it beats the best single run."""
+    from lesiontriage.train.common import command_line
+    from lesiontriage.train.export import export_run
+    from lesiontriage.train.soup import make_soup
+
+    specs = [s.strip() for s in (runs or "").split(",") if s.strip()]
+    try:
+        record, out = make_soup(specs, name, command=command_line(), manifest_path=manifest, data_root=data_root)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    console.print(f"soup members: {', '.join(record.members)}; val macro {record.soup_val_auc['macro']:.4f} "
+                  f"(best single {record.best_single} {record.best_single_macro:.4f}, logit ensemble of the members "
+                  f"{record.ensemble_val_auc['macro']:.4f}); {record.reason}")
+    if export and record.ship:
+        kind = "classifier" if out["config"]["mode"] == "crop" else "image-classifier"
+        path = export_run(kind, out, data_root=data_root, manifest_path=manifest)
+        console.print(f"exported to {path} (run `lesiontriage train hybrid`, `train tiers` and `evaluate` next)")
+
+
 @app.command("train")
 def train(
-    model: str = typer.Argument(..., help="detector | classifier | image-classifier | box-merge | box-rescorer | box-rule | widefield-rule | hybrid | tiers (the last six chosen on validation)"),
+    model: str = typer.Argument(..., help="detector | classifier | image-classifier | soup | box-merge | box-rescorer | box-rule | widefield-rule | hybrid | tiers (the last six chosen on validation)"),
     config: Optional[str] = typer.Option(None, "--config", help="TOML config (default: the packaged one for MODEL)"),
     resume: bool = typer.Option(False, "--resume", help="Continue from runs/<name>/checkpoint.pt"),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest parquet (default runs/data/manifest.parquet)"),
@@ -274,6 +295,9 @@ def train(
     export_weights: str = typer.Option("best.pt", "--export-weights",
                                        help="Which file of runs/<name>/ to export: best.pt (the run's own validation "
                                             "criterion) or checkpoint.pt (its last epoch)"),
+    soup_runs: Optional[str] = typer.Option(None, "--runs", help="soup: comma-separated runs in runs/ that share a "
+                                            "start point, each RUN or RUN:checkpoint.pt"),
+    soup_name: str = typer.Option("soup", "--name", help="soup: the run folder runs/<name>/ the soup is written to"),
     check_product: bool = typer.Option(False, "--check-product",
                                        help="classifier: skip training; score the run's checkpoints on the product's "
                                             "validation score next to the shipped classifier (decides an export)"),
@@ -287,6 +311,9 @@ def train(
         for mode, entry in chosen.items():
             for agg, thr in entry["thresholds"].items():
                 console.print(f"{mode:12s} {agg:9s} refer >= {thr['refer']:.3f}  urgent >= {thr['urgent']:.3f}")
+        return
+    if model == "soup":
+        _train_soup(soup_runs, soup_name, export=export, manifest=manifest, data_root=data_root)
         return
     if model == "box-rule":
         from lesiontriage.train.box_rule import choose_box_rule
@@ -343,7 +370,7 @@ def train(
             console.print("  soft gate " + "  ".join(f"{k}={v}" for k, v in cand.items()))
         return
     if model not in _TRAIN_DEFAULTS:
-        _fail(f"unknown model {model!r}; choose one of {', '.join(_TRAIN_DEFAULTS)}, box-merge, box-rescorer, box-rule, widefield-rule, hybrid, tiers")
+        _fail(f"unknown model {model!r}; choose one of {', '.join(_TRAIN_DEFAULTS)}, soup, box-merge, box-rescorer, box-rule, widefield-rule, hybrid, tiers")
     cfg = config or _TRAIN_DEFAULTS[model]
     if export_weights not in ("best.pt", "checkpoint.pt"):  # checked before a run, not after it
         _fail(f"--export-weights must be best.pt or checkpoint.pt, got {export_weights!r}")

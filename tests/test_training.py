@@ -228,3 +228,88 @@ def test_cli_rejects_an_unknown_export_file_before_training(tmp_path, monkeypatc
     assert res.exit_code == 1
     assert "last.pt" in res.output and "Traceback" not in res.output
     assert started == []  # refused before any training starts
+
+
+def test_greedy_soup_averages_weights_and_keeps_only_candidates_that_help():
+    from lesiontriage.train.soup import SoupCandidate, average_states, greedy_soup
+
+    a = {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([1.5, 3.5]), "n": torch.tensor(9)}
+    c = {"w": torch.tensor([10.0, 10.0]), "n": torch.tensor(1)}
+    avg = average_states([a, b])
+    assert torch.equal(avg["w"], torch.tensor([0.75, 2.75])) and int(avg["n"]) == 3  # integer buffers: the first's
+    # score: closeness of w to (1, 3); b alone is best, a helps when averaged in, c hurts
+    score = lambda s: -float((s["w"] - torch.tensor([1.0, 3.0])).abs().sum())  # noqa: E731
+    states = {"a": a, "b": b, "c": c}
+    members, best, steps = greedy_soup(states, {k: score(v) for k, v in states.items()}, score)
+    assert members == ["b", "a"] and best == pytest.approx(-0.5)
+    assert [s["kept"] for s in steps] == [True, False]
+    with pytest.raises(ValueError, match="different architectures"):
+        average_states([a, {"v": torch.zeros(2), "n": torch.tensor(1)}])
+    assert SoupCandidate.parse("run_a:checkpoint.pt") == SoupCandidate("run_a", "checkpoint.pt")
+    with pytest.raises(ValueError, match="RUN or RUN"):
+        SoupCandidate.parse("run_a:last.pt")
+
+
+def test_soup_of_two_runs_from_one_start_point_is_written_as_an_exportable_run(tiny, tmp_path, monkeypatch):
+    """`train soup`: two tiny whole-image runs from the same start; the soup's best.pt is the average of the
+    kept members, its result.json exports like a trained run and metadata.json records the recipe."""
+    from dataclasses import asdict
+
+    import lesiontriage.train.classifier as clf
+    from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier
+    from lesiontriage.train.export import export_run
+    from lesiontriage.train.soup import average_states, make_soup
+    from lesiontriage.weights import read_metadata
+
+    root, manifest = tiny
+    start = LesionClassifier(ClassifierConfig.from_dict({"input_size": 64}), pretrained=False).state_dict()
+    monkeypatch.setattr(clf, "load_shipped_state", lambda key: start)
+    runs = tmp_path / "runs"
+    for name, seed in (("whole_a", 1), ("whole_b", 2)):
+        cfg = clf.ClassifierTrainConfig(name=name, mode="whole", network={"input_size": 64}, sources=["ham10000"],
+                                        source_shares={"ham10000": 1.0}, epoch_samples=16, batch_size=8,
+                                        warmup_epochs=0, epochs=1, num_workers=0, bf16=False, init_from="classifier",
+                                        lr=0.05, head_lr=0.05, seed=seed, patience=5)
+        out = clf.ClassifierTrainer(cfg, manifest_path=manifest, data_root=root).fit()
+        out.update(config=asdict(cfg), command="test", manifest_hash="test")
+        from lesiontriage.train.common import save_result
+        save_result(runs / name, out)
+    record, out = make_soup(["whole_a:checkpoint.pt", "whole_b:checkpoint.pt"], "whole_soup", command="soup (test)",
+                            manifest_path=manifest, data_root=root, runs_dir=runs)
+    assert {c["label"] for c in record.candidates} == {"whole_a:checkpoint.pt", "whole_b:checkpoint.pt"}
+    assert record.ship == (len(record.members) == 2) and record.members[0] == record.best_single
+    member_states = [torch.load(runs / m.split(":")[0] / "checkpoint.pt", weights_only=False)["model"]
+                     for m in record.members]
+    soup = torch.load(runs / "whole_soup" / "best.pt", weights_only=False)["model"]
+    expected = average_states(member_states)
+    assert all(torch.allclose(soup[k].float(), expected[k].float()) for k in expected)
+    models_dir = tmp_path / "models"
+    export_run("image-classifier", out, data_root=root, manifest_path=manifest, models_dir=models_dir)
+    entry = read_metadata(models_dir)["models"]["image_classifier"]
+    assert entry["training"]["soup"]["members"] == record.members
+    assert entry["training"]["command"] == "soup (test)"
+
+
+def test_soup_refuses_runs_from_different_start_points(tiny, tmp_path):
+    from lesiontriage.train.common import save_result
+    from lesiontriage.train.soup import make_soup
+
+    runs = tmp_path / "runs"
+    base = {"network": {"input_size": 64}, "mode": "whole"}
+    save_result(runs / "a", {"config": {**base, "init_from": "classifier"}})
+    save_result(runs / "b", {"config": {**base, "init_from": ""}})
+    with pytest.raises(ValueError, match="start point"):
+        make_soup(["a", "b"], "s", command="t", runs_dir=runs)
+    with pytest.raises(ValueError, match="at least two"):
+        make_soup(["a", "a:best.pt"], "s", command="t", runs_dir=runs)
+
+
+def test_cli_soup_needs_two_runs_and_fails_in_one_line():
+    from typer.testing import CliRunner
+
+    from lesiontriage.cli import app
+
+    res = CliRunner().invoke(app, ["train", "soup", "--runs", "only_one_run"])
+    assert res.exit_code == 1
+    assert "at least two" in res.output and "Traceback" not in res.output

@@ -108,7 +108,8 @@ def export_classifier(key: str, out: dict[str, Any], models_dir: Path, data_root
                        # best.pt stores its epoch; checkpoint.pt stores the next epoch to run (the last one done + 1)
                        **({"best_epoch": best["epoch"]} if weights_file == "best.pt" else {"last_epoch": best["epoch"] - 1})},
         "training": {"command": out["command"], "manifest_hash": out["manifest_hash"], "config": out["config"],
-                     "history": out["history"], "sources": cfg.sources},
+                     "history": out["history"], "sources": cfg.sources,
+                     **({"soup": out["soup"]} if "soup" in out else {})},  # a weight soup's recipe (train/soup.py)
         "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     meta["changelog"].append({"date": dt.date.today().isoformat(), "model": key, "change": f"trained ({out['command']})"})
