@@ -262,7 +262,7 @@ def _print_table(rows: list[dict]) -> None:
 _TRAIN_DEFAULTS = {"detector": "detector", "classifier": "classifier", "image-classifier": "image_classifier"}
 
 
-def _train_soup(runs: Optional[str], name: str, *, export: bool, manifest: Optional[Path],
+def _train_soup(runs: Optional[str], name: str, *, uniform: bool, export: bool, manifest: Optional[Path],
                 data_root: Optional[Path]) -> None:
     """`train soup`: greedy weight soup of finished runs, exported only when it beats the best single run."""
     from lesiontriage.train.common import command_line
@@ -271,11 +271,12 @@ def _train_soup(runs: Optional[str], name: str, *, export: bool, manifest: Optio
 
     specs = [s.strip() for s in (runs or "").split(",") if s.strip()]
     try:
-        record, out = make_soup(specs, name, command=command_line(), manifest_path=manifest, data_root=data_root)
+        record, out = make_soup(specs, name, command=command_line(), manifest_path=manifest, data_root=data_root,
+                                uniform=uniform)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     console.print(f"soup members: {', '.join(record.members)}; val macro {record.soup_val_auc['macro']:.4f} "
-                  f"(best single {record.best_single} {record.best_single_macro:.4f}, logit ensemble of the members "
+                  f"(best single {record.best_single} {record.best_single_macro:.4f}, logit ensemble of all candidates "
                   f"{record.ensemble_val_auc['macro']:.4f}); {record.reason}")
     if export and record.ship:
         kind = "classifier" if out["config"]["mode"] == "crop" else "image-classifier"
@@ -298,6 +299,8 @@ def train(
     soup_runs: Optional[str] = typer.Option(None, "--runs", help="soup: comma-separated runs in runs/ that share a "
                                             "start point, each RUN or RUN:checkpoint.pt"),
     soup_name: str = typer.Option("soup", "--name", help="soup: the run folder runs/<name>/ the soup is written to"),
+    soup_uniform: bool = typer.Option(False, "--uniform", help="soup: average every run and export it (for a view "
+                                      "judged on the product score by `train hybrid`) instead of the greedy soup"),
     check_product: bool = typer.Option(False, "--check-product",
                                        help="classifier: skip training; score the run's checkpoints on the product's "
                                             "validation score next to the shipped classifier (decides an export)"),
@@ -313,7 +316,7 @@ def train(
                 console.print(f"{mode:12s} {agg:9s} refer >= {thr['refer']:.3f}  urgent >= {thr['urgent']:.3f}")
         return
     if model == "soup":
-        _train_soup(soup_runs, soup_name, export=export, manifest=manifest, data_root=data_root)
+        _train_soup(soup_runs, soup_name, uniform=soup_uniform, export=export, manifest=manifest, data_root=data_root)
         return
     if model == "box-rule":
         from lesiontriage.train.box_rule import choose_box_rule

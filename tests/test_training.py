@@ -289,6 +289,13 @@ def test_soup_of_two_runs_from_one_start_point_is_written_as_an_exportable_run(t
     entry = read_metadata(models_dir)["models"]["image_classifier"]
     assert entry["training"]["soup"]["members"] == record.members
     assert entry["training"]["command"] == "soup (test)"
+    # --uniform: every run averaged and marked for shipping (the product score judges it, not its own AUC)
+    uni, _ = make_soup(["whole_a:checkpoint.pt", "whole_b:checkpoint.pt"], "whole_uniform", command="u",
+                       manifest_path=manifest, data_root=root, runs_dir=runs, uniform=True)
+    assert sorted(uni.members) == ["whole_a:checkpoint.pt", "whole_b:checkpoint.pt"] and uni.ship
+    both = average_states([torch.load(runs / r / "checkpoint.pt", weights_only=False)["model"] for r in ("whole_a", "whole_b")])
+    soup = torch.load(runs / "whole_uniform" / "best.pt", weights_only=False)["model"]
+    assert all(torch.allclose(soup[k].float(), both[k].float()) for k in both)
 
 
 def test_soup_refuses_runs_from_different_start_points(tiny, tmp_path):

@@ -57,7 +57,7 @@ class SoupRecord:
     soup_val_auc: dict[str, float] = field(default_factory=dict)
     best_single: str = ""
     best_single_macro: float = float("nan")
-    ensemble_val_auc: dict[str, float] = field(default_factory=dict)  # mean logits of the members, for reference
+    ensemble_val_auc: dict[str, float] = field(default_factory=dict)  # mean logits of all candidates, for reference
     ship: bool = False
     reason: str = ""
 
@@ -100,9 +100,13 @@ def greedy_soup(states: dict[str, dict[str, torch.Tensor]], own_scores: dict[str
 
 
 def make_soup(specs: list[str], name: str, *, command: str, manifest_path: Path | None = None,
-              data_root: Path | None = None, runs_dir: Path | None = None) -> tuple[SoupRecord, dict[str, Any]]:
+              data_root: Path | None = None, runs_dir: Path | None = None,
+              uniform: bool = False) -> tuple[SoupRecord, dict[str, Any]]:
     """Score each candidate and the greedy soup on the runs' validation set; write ``runs/<name>/`` (best.pt =
-    the soup, result.json = an exportable run summary). Returns the record and the run summary."""
+    the soup, result.json = an exportable run summary). Returns the record and the run summary.
+
+    ``uniform``: average every candidate (no greedy selection) and mark it for shipping: for a view that is
+    judged on the product's blended score (the whole-image view: ``train hybrid`` weighs it), not on its own AUC."""
     from lesiontriage.train.classifier import ClassifierTrainConfig, ClassifierTrainer, predict_logits, strata_auc
 
     runs_dir = Path(runs_dir or RUNS_DIR)
@@ -145,19 +149,34 @@ def make_soup(specs: list[str], name: str, *, command: str, manifest_path: Path 
         own[label] = aucs["macro"]
         record.candidates.append({"label": label, "macro_auc": aucs["macro"], "val_auc": aucs})
         print(f"{label:45s} val macro {aucs['macro']:.4f} pooled {aucs['pooled']:.4f}", flush=True)
-    members, soup_macro, record.steps = greedy_soup(states, own, lambda s: val_auc(s)["macro"])
-    for step in record.steps:
+    trials: list[dict[str, float]] = []  # by-stratum AUC of each greedy trial, in order
+
+    def trial_macro(state: dict[str, torch.Tensor]) -> float:
+        trials.append(val_auc(state))
+        return trials[-1]["macro"]
+
+    if uniform:
+        members = sorted(states, key=lambda k: own[k], reverse=True)
+        trial_macro(average_states([states[m] for m in members]))
+        record.steps = [{"added": "all (uniform soup)", "soup_macro_auc": trials[-1]["macro"], "kept": True}]
+    else:
+        members, _, record.steps = greedy_soup(states, own, trial_macro)
+    for step, aucs in zip(record.steps, trials):
+        step["val_auc"] = aucs
         print(f"soup + {step['added']:38s} val macro {step['soup_macro_auc']:.4f} ({'kept' if step['kept'] else 'dropped'})",
               flush=True)
     record.members = members
+    kept = [a for st, a in zip(record.steps, trials) if st["kept"]]
+    record.soup_val_auc = kept[-1] if kept else next(c["val_auc"] for c in record.candidates if c["label"] == members[0])
     soup = average_states([states[m] for m in members])
-    record.soup_val_auc = val_auc(soup)
     record.best_single = max(own, key=own.get)
     record.best_single_macro = own[record.best_single]
-    record.ensemble_val_auc = strata_auc(trainer.val_rows, np.mean([logits_by[m] for m in members], axis=0)) \
-        if len(members) > 1 else record.soup_val_auc
+    # For reference (not shipped: it would run every member at inference): mean logits of all candidates.
+    record.ensemble_val_auc = strata_auc(trainer.val_rows, np.mean(list(logits_by.values()), axis=0))
     record.ship = len(members) > 1
-    record.reason = (f"soup of {len(members)} beats the best single run ({record.soup_val_auc['macro']:.4f} > "
+    record.reason = (f"uniform soup of {len(members)} ({record.soup_val_auc['macro']:.4f}; best single "
+                     f"{record.best_single_macro:.4f}): judge it on the product score (`train hybrid`)" if uniform else
+                     f"soup of {len(members)} beats the best single run ({record.soup_val_auc['macro']:.4f} > "
                      f"{record.best_single_macro:.4f})" if record.ship else
                      "no candidate improved the best single run when averaged in: nothing to ship")
     run_dir = runs_dir / name
