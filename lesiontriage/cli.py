@@ -299,6 +299,9 @@ def train(
     soup_runs: Optional[str] = typer.Option(None, "--runs", help="soup: comma-separated runs in runs/ that share a "
                                             "start point, each RUN or RUN:checkpoint.pt"),
     soup_name: str = typer.Option("soup", "--name", help="soup: the run folder runs/<name>/ the soup is written to"),
+    whole_ensemble: Optional[bool] = typer.Option(None, "--whole-image-ensemble/--single-whole-image",
+                                                  help="hybrid: make the whole-image view the mean of image_classifier "
+                                                       "+ image_classifier_2 (or one model) before choosing the blend"),
     soup_uniform: bool = typer.Option(False, "--uniform", help="soup: average every run and export it (for a view "
                                       "judged on the product score by `train hybrid`) instead of the greedy soup"),
     check_product: bool = typer.Option(False, "--check-product",
@@ -360,7 +363,8 @@ def train(
         from lesiontriage.train.hybrid import choose_hybrid
 
         try:
-            record = choose_hybrid(manifest_path=manifest, data_root=data_root, command=command_line())
+            record = choose_hybrid(manifest_path=manifest, data_root=data_root, command=command_line(),
+                                   whole_image_ensemble=whole_ensemble)
         except (LesionTriageError, FileNotFoundError) as exc:
             _fail(str(exc))
         _print_table(record["table"])

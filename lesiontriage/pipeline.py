@@ -25,6 +25,7 @@ from lesiontriage.hybrid import HybridRule
 from lesiontriage.imaging import LoadedImage, assess_quality, crop_with_margin, load_image
 from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier, MalignantLogitOnly
 from lesiontriage.networks.detector import DetectorConfig, build_detector
+from lesiontriage.networks.whole_view import SECOND_KEY as SECOND_WHOLE_KEY, MeanLogitEnsemble, whole_view_spec
 from lesiontriage.paths import models_dir as resolve_models_dir
 from lesiontriage.results import Lesion, Tier, TriageResult
 from lesiontriage.weights import load_weights, read_metadata
@@ -62,6 +63,7 @@ class PipelineSettings:
     closeup_min_box_fraction: float = 0.15  # largest kept box / image area that makes a photo a close-up
     closeup_ramp_from: float | None = None  # soft gate (hybrid.py): views' weights ramp up from this fraction
     no_lesion_views: bool = False  # no lesion kept: the image score comes from the two whole-photo views (hybrid.py)
+    whole_image_ensemble: bool = False  # whole-image view = mean logit of image_classifier + image_classifier_2
     fast_cpu: bool = True  # run the networks through frozen oneDNN copies (networks/fast.py), checked vs eager at load
 
     @property
@@ -132,11 +134,11 @@ class TriagePipeline:
             detector = build_detector(det_cfg, pretrained=False)
             detector.load_state_dict(load_weights(models_dir / det_meta["file"], det_meta["sha256"]))
             detector.eval()
-        image_classifier = None
+        image_classifier, image_meta = None, models.get("image_classifier")
         if load_image_classifier and "image_classifier" in models:
-            image_classifier = cls._load_classifier(models_dir, models["image_classifier"])
+            image_classifier, image_meta = cls._load_whole_view(models_dir, meta, settings)
         pipe = cls(detector, det_cfg, classifier, models["classifier"], meta, image_classifier,
-                   models.get("image_classifier"), settings, models_dir)
+                   image_meta, settings, models_dir)
         if settings.ensemble:
             pipe.second_classifier = cls._load_classifier(models_dir, models["classifier_2"])
             pipe.second_clf_meta = models["classifier_2"]
@@ -178,6 +180,21 @@ class TriagePipeline:
                 if fast is not model:
                     self._fast_classifiers[id(model)] = fast
         return self.inference_engine
+
+    @classmethod
+    def _load_whole_view(cls, models_dir: Path, meta: dict[str, Any],
+                         settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
+        """The whole-image view (networks/whole_view.py) and the metadata its temperature is read from."""
+        models = meta["models"]
+        if settings.whole_image_ensemble and SECOND_WHOLE_KEY not in models:
+            raise ModelError(f"whole_image_ensemble is set but {models_dir / 'metadata.json'} lists no {SECOND_WHOLE_KEY}")
+        spec = whole_view_spec(meta)
+        members = [cls._load_classifier(models_dir, models[k]) for k in spec.members]
+        if len(members) == 1:
+            return members[0], models["image_classifier"]
+        ensemble = MeanLogitEnsemble(members, [float(models[k].get("temperature", 1.0)) for k in spec.members])
+        return ensemble.eval(), {**models["image_classifier"], "temperature": spec.temperature, "sha256": spec.sha256,
+                                 "members": list(spec.members)}
 
     @staticmethod
     def _load_classifier(models_dir: Path, entry: dict[str, Any]) -> LesionClassifier:

@@ -52,6 +52,7 @@ from lesiontriage import paths
 from lesiontriage.box_selection import MAX_LESIONS
 from lesiontriage.evaluate import tables as T
 from lesiontriage.hybrid import HybridRule
+from lesiontriage.networks.whole_view import whole_view_spec
 from lesiontriage.results import INTENDED_USE, SUBTYPES
 
 log = logging.getLogger(__name__)
@@ -391,6 +392,8 @@ def model_info(models_dir: Path) -> ModelInfo:
             status[key] = "ok"
         else:
             status[key] = f"not available: {key} not trained ({f.name} not in {models_dir})"
+    if "image_classifier_2" in models:  # the whole-image ensemble's second member (networks/whole_view.py)
+        sha["image_classifier_2"] = str(models["image_classifier_2"].get("sha256", ""))
     if status["classifier"] != "ok":
         for key in ("detector", "image_classifier", "detector_c2"):
             if status[key] == "ok":
@@ -764,7 +767,8 @@ def stage_tags(info: ModelInfo, engine_settings: dict[str, Any], item: EvalItem)
         tags["cls_gt"] = (f"{info.sha256['classifier']}|tta={engine_settings.get('tta', False)}{tta}",
                           json.dumps(item.gt_crop_boxes()))
     if info.ok("image_classifier") and item.whole:
-        tags["whole"] = (info.sha256["image_classifier"], "")
+        spec = whole_view_spec(info.metadata)  # one model or the ensemble: never the same cache entry
+        tags["whole"] = (spec.sha256 if spec else info.sha256["image_classifier"], "")
     if cls_ok and item.whole and (item.gt_crop_boxes() is not None or not item.classify):  # else cls_gt is this view
         tags["frame"] = (f"{info.sha256['classifier']}|tta={engine_settings.get('tta', False)}{tta}", "")
     if info.ok("detector_c2") and item.c2 and (item.detect_eval or need_two_stage):
@@ -1120,7 +1124,8 @@ def build_tables(records: Sequence[ImageRecord], info: ModelInfo, default_aggreg
     aggregation is computed here from the cached per-lesion probabilities."""
     models = info.metadata.get("models") or {}
     t_cls = float((models.get("classifier") or {}).get("temperature", 1.0))
-    t_img = float((models.get("image_classifier") or {}).get("temperature", 1.0))
+    spec = whole_view_spec(info.metadata)
+    t_img = spec.temperature if spec else 1.0
     img_rows, les_rows, det_rows, feats = [], [], [], []
     for rec in records:
         kept = _kept(rec.stages, t_cls, kept_threshold, max_lesions, nested_containment, widefield)

@@ -35,6 +35,7 @@ from lesiontriage.evaluate.operating_points import (
     threshold_at_sensitivity,
     wilson_ci,
 )
+from lesiontriage.networks.whole_view import whole_view_spec
 
 log = logging.getLogger(__name__)
 
@@ -660,6 +661,9 @@ class ReportContext:
         return {"status": st if st and st != "ok" else f"not available: {key} not trained"}
 
     def temperature(self, key: str) -> float:
+        if key == "image_classifier":  # the whole-image view: one model or the ensemble (networks/whole_view.py)
+            spec = whole_view_spec(self.metadata)
+            return spec.temperature if spec else 1.0
         return float(((self.metadata.get("models") or {}).get(key) or {}).get("temperature", 1.0))
 
 

@@ -32,6 +32,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from lesiontriage.networks.whole_view import MeanLogitEnsemble
+
 log = logging.getLogger(__name__)
 
 ENGINE_FAST_DET = "torchscript-onednn (backbone + FPN + RPN head), torchvision FasterRCNN logic unchanged"
@@ -279,6 +281,11 @@ def fast_classifier(model: nn.Module, tolerance: float = TOLERANCE) -> tuple[Any
     """A :class:`FastClassifier` for ``model``, or ``model`` itself when the frozen copy is unavailable
     or its (logit, sub-type, feature) outputs differ from eager by more than ``tolerance`` on a
     seeded probe batch of another size than the traced one. Returns (classifier, info)."""
+    if isinstance(model, MeanLogitEnsemble):  # the whole-image ensemble: one frozen copy per member
+        parts = [fast_classifier(m, tolerance) for m in model.members]
+        info = {"engine": "members", "members": [i for _, i in parts],
+                "reason": "; ".join(i["reason"] for _, i in parts if i["reason"])}
+        return MeanLogitEnsemble([m for m, _ in parts], model.temperatures), info
     model = model.eval()
     size = int(model.config.input_size)
     trace_in = _probe((size, size)).contiguous(memory_format=torch.channels_last)

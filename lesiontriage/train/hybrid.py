@@ -42,6 +42,7 @@ from lesiontriage.box_selection import select_boxes
 from lesiontriage.data.manifest import load_manifest, manifest_hash, resolve_path
 from lesiontriage.errors import ModelError
 from lesiontriage.hybrid import HybridRule, largest_box_fraction
+from lesiontriage.networks.whole_view import whole_view_spec
 from lesiontriage.paths import MODELS_DIR, RUNS_DIR
 from lesiontriage.pipeline import _to_tensor
 from lesiontriage.train.box_rule import BoxRuleStudy, _load, collect, merge_tag, stratum_aucs, validation_detections
@@ -241,11 +242,18 @@ def _closeups(pipe, rows: pd.DataFrame, data_root: Path | None, cache: Path) -> 
 
 
 def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = None, data_root: Path | None = None,
-                  study: HybridStudy | None = None, command: str = "") -> dict[str, Any]:
-    """Run the study and store the chosen blend in metadata.json; returns the decision record."""
+                  study: HybridStudy | None = None, command: str = "",
+                  whole_image_ensemble: bool | None = None) -> dict[str, Any]:
+    """Run the study and store the chosen blend in metadata.json; returns the decision record.
+    ``whole_image_ensemble``: set ``pipeline.whole_image_ensemble`` first (None keeps metadata's setting), so the
+    blend is chosen for the whole-image view that will ship."""
     from lesiontriage.pipeline import TriagePipeline
 
     study = study or HybridStudy()
+    if whole_image_ensemble is not None:
+        meta = read_metadata(models_dir)
+        meta.setdefault("pipeline", {})["whole_image_ensemble"] = bool(whole_image_ensemble)
+        write_metadata(models_dir, meta)
     pipe = TriagePipeline.from_dir(models_dir)
     if pipe.image_classifier is None:
         raise ModelError(f"the close-up blend needs a whole-image classifier: {models_dir / 'metadata.json'} lists none "
@@ -256,7 +264,7 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
     gate = choose_gate([w["largest_box_fraction"] for w in wide], study.gates)
     rows = validation_images(manifest, BoxRuleStudy().targets)
     sha = meta["models"]
-    tag = f"{sha['detector']['sha256'][:12]}_{sha['image_classifier']['sha256'][:12]}_{len(rows)}"
+    tag = f"{sha['detector']['sha256'][:12]}_{whole_view_spec(meta).sha256[:12]}_{len(rows)}"
     photos = _closeups(pipe, rows, data_root, RUNS_DIR / "hybrid" / f"whole_{tag}.pkl")
     pairs = weight_pairs(study.weights, study.min_lesion_weight)
     table = score_table(photos, pairs, gate, study.aggregate)
@@ -313,7 +321,8 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
         "table": table.round(4).to_dict(orient="records"),
         "study": asdict(study),
         "manifest_hash": manifest_hash(manifest),
-        "model_sha256": {k: meta["models"][k]["sha256"] for k in ("detector", "classifier", "image_classifier")},
+        "model_sha256": {k: meta["models"][k]["sha256"] for k in ("detector", "classifier", *whole_view_spec(meta).members)},
+        "whole_image_view": list(whole_view_spec(meta).members),
         "command": command,
         "date": dt.date.today().isoformat(),
     }

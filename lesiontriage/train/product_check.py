@@ -87,6 +87,7 @@ def check_run(config_path: str, models_dir: Path = MODELS_DIR, manifest_path: Pa
               data_root: Path | None = None) -> dict[str, Any]:
     """Shipped classifier vs every candidate checkpoint of the run named in ``config_path``."""
     from lesiontriage.evaluate.calibration import fit_temperature
+    from lesiontriage.networks.whole_view import whole_view_spec
     from lesiontriage.pipeline import TriagePipeline
     from lesiontriage.train.classifier import ClassifierTrainConfig, ClassifierTrainer, predict_logits, strata_auc
     from lesiontriage.train.common import dataclass_from_dict, load_toml
@@ -99,7 +100,7 @@ def check_run(config_path: str, models_dir: Path = MODELS_DIR, manifest_path: Pa
     pipe = TriagePipeline.from_dir(models_dir, fast=False)
     rows = validation_images(load_manifest(manifest_path), BoxRuleStudy().targets)
     meta = pipe.metadata["models"]
-    tag = f"{meta['detector']['sha256'][:12]}_{meta['image_classifier']['sha256'][:12]}_{len(rows)}"
+    tag = f"{meta['detector']['sha256'][:12]}_{whole_view_spec(pipe.metadata).sha256[:12]}_{len(rows)}"
     base = _closeups(pipe, rows, data_root, RUNS_DIR / "hybrid" / f"whole_{tag}.pkl")
     dets = validation_detections(pipe, rows, data_root)
     results = [product_score("shipped", base, pipe.settings, temperature=float(pipe.clf_meta.get("temperature", 1.0)))]

@@ -1,0 +1,90 @@
+"""The whole-image view as one model or the mean-logit ensemble of two (networks/whole_view.py), on random weights."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lesiontriage.errors import ModelError
+from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier
+from lesiontriage.networks.whole_view import MeanLogitEnsemble, whole_view_spec
+from lesiontriage.weights import read_metadata, save_weights, write_metadata
+
+CFG = ClassifierConfig(input_size=64)
+TEMPS = {"classifier": 1.3, "image_classifier": 1.7, "image_classifier_2": 0.8}
+
+
+def _models_dir(tmp_path, ensemble: bool, with_second: bool = True):
+    torch.manual_seed(0)
+    models = {}
+    for key in ("classifier", "image_classifier", "image_classifier_2"):
+        if key == "image_classifier_2" and not with_second:
+            continue
+        sha = save_weights(LesionClassifier(CFG, pretrained=False).state_dict(), tmp_path / f"{key}.safetensors")
+        models[key] = {"file": f"{key}.safetensors", "sha256": sha, "config": CFG.to_dict(), "temperature": TEMPS[key]}
+    write_metadata(tmp_path, {"models": models, "pipeline": {"torch_threads": 1, "whole_image_ensemble": ensemble}})
+    return tmp_path
+
+
+def _member_logit(models_dir, key: str, batch: torch.Tensor) -> float:
+    from lesiontriage.weights import load_weights
+
+    entry = read_metadata(models_dir)["models"][key]
+    m = LesionClassifier(CFG, pretrained=False)
+    m.load_state_dict(load_weights(models_dir / entry["file"], entry["sha256"]))
+    with torch.inference_mode():
+        return float(m.eval()(batch)[0][0])
+
+
+def test_ensemble_averages_temperature_scaled_logits():
+    torch.manual_seed(1)
+    a, b = LesionClassifier(CFG, pretrained=False).eval(), LesionClassifier(CFG, pretrained=False).eval()
+    ens = MeanLogitEnsemble([a, b], [2.0, 0.5]).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        (la, sa), (lb, sb), (le, se) = a(x), b(x), ens(x)
+        lo, so, fo = ens.outputs(x)
+    assert torch.allclose(le, (la / 2.0 + lb / 0.5) / 2, atol=1e-5)
+    assert torch.allclose(se, (sa + sb) / 2, atol=1e-5)
+    assert torch.allclose(lo, le, atol=1e-4) and so.shape == (3, len(CFG.subtypes)) and fo.shape[0] == 3
+    with pytest.raises(ValueError):
+        MeanLogitEnsemble([a, b], [1.0])
+
+
+def test_spec_keys_the_ensemble_apart_from_either_member(tmp_path):
+    single = whole_view_spec(read_metadata(_models_dir(tmp_path / "s", ensemble=False)))
+    meta = read_metadata(_models_dir(tmp_path / "e", ensemble=True))
+    ens = whole_view_spec(meta)
+    assert single.members == ("image_classifier",) and single.temperature == TEMPS["image_classifier"]
+    assert ens.members == ("image_classifier", "image_classifier_2") and ens.temperature == 1.0
+    assert ens.sha256 not in {m["sha256"] for m in meta["models"].values()}  # its own cache key
+    assert whole_view_spec({"models": {}}) is None
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_pipeline_whole_image_score_is_the_mean_of_both_members(tmp_path, fast):
+    from lesiontriage.pipeline import TriagePipeline, _to_tensor
+
+    models_dir = _models_dir(tmp_path, ensemble=True)
+    rgb = (np.random.default_rng(0).random((80, 100, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "photo.png")
+    pipe = TriagePipeline.from_dir(models_dir, fast=fast)
+    assert isinstance(pipe.image_classifier, MeanLogitEnsemble)
+    if fast:  # one frozen copy per member, each checked against its eager model
+        info = pipe.inference_engine["image_classifier"]
+        assert len(info["members"]) == 2 and info["reason"] == "", info
+    score = pipe.predict(tmp_path / "photo.png", whole_image=True).image_score
+    batch = pipe._normalise([_to_tensor(pipe.load(tmp_path / "photo.png").rgb)], CFG)
+    z = np.mean([_member_logit(models_dir, k, batch) / TEMPS[k] for k in ("image_classifier", "image_classifier_2")])
+    assert score == pytest.approx(1 / (1 + np.exp(-z)), abs=1e-4)
+    single = TriagePipeline.from_dir(_models_dir(tmp_path / "one", ensemble=False), fast=fast)
+    z1 = _member_logit(models_dir, "image_classifier", batch) / TEMPS["image_classifier"]
+    assert single.predict(tmp_path / "photo.png", whole_image=True).image_score == pytest.approx(1 / (1 + np.exp(-z1)), abs=1e-4)
+
+
+def test_ensemble_setting_without_a_second_model_is_a_clear_error(tmp_path):
+    from lesiontriage.pipeline import TriagePipeline
+
+    with pytest.raises(ModelError, match="image_classifier_2"):
+        TriagePipeline.from_dir(_models_dir(tmp_path, ensemble=True, with_second=False), fast=False)
