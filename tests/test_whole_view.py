@@ -71,9 +71,9 @@ def test_pipeline_whole_image_score_is_the_mean_of_both_members(tmp_path, fast):
     Image.fromarray(rgb).save(tmp_path / "photo.png")
     pipe = TriagePipeline.from_dir(models_dir, fast=fast)
     assert isinstance(pipe.image_classifier, MeanLogitEnsemble)
-    if fast:  # one frozen copy per member, each checked against its eager model
-        info = pipe.inference_engine["image_classifier"]
-        assert len(info["members"]) == 2 and info["reason"] == "", info
+    if fast:  # the pipeline keeps the ensemble eager (load time); the other networks get frozen copies
+        assert pipe.inference_engine["image_classifier"]["engine"].startswith("eager")
+        assert pipe.inference_engine["classifier"]["reason"] == ""
     score = pipe.predict(tmp_path / "photo.png", whole_image=True).image_score
     batch = pipe._normalise([_to_tensor(pipe.load(tmp_path / "photo.png").rgb)], CFG)
     z = np.mean([_member_logit(models_dir, k, batch) / TEMPS[k] for k in ("image_classifier", "image_classifier_2")])
@@ -88,3 +88,17 @@ def test_ensemble_setting_without_a_second_model_is_a_clear_error(tmp_path):
 
     with pytest.raises(ModelError, match="image_classifier_2"):
         TriagePipeline.from_dir(_models_dir(tmp_path, ensemble=True, with_second=False), fast=False)
+
+
+def test_frozen_copies_of_the_ensemble_match_it():
+    """`evaluate` freezes each member (networks/fast.py); the copy must give the ensemble's outputs."""
+    from lesiontriage.networks.fast import fast_classifier
+
+    torch.manual_seed(2)
+    ens = MeanLogitEnsemble([LesionClassifier(CFG, pretrained=False), LesionClassifier(CFG, pretrained=False)], [1.5, 0.7]).eval()
+    fast, info = fast_classifier(ens)
+    assert isinstance(fast, MeanLogitEnsemble) and len(info["members"]) == 2 and info["reason"] == "", info
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        (le, se), (lf, sf) = ens(x), fast(x)
+    assert torch.allclose(le, lf, atol=1e-4) and torch.allclose(se.softmax(-1), sf.softmax(-1), atol=1e-4)
