@@ -264,7 +264,8 @@ _TRAIN_DEFAULTS = {"detector": "detector", "classifier": "classifier", "image-cl
 
 def _train_soup(runs: Optional[str], name: str, *, uniform: bool, export: bool, manifest: Optional[Path],
                 data_root: Optional[Path]) -> None:
-    """`train soup`: greedy weight soup of finished runs, exported only when it beats the best single run."""
+    """`train soup`: greedy weight soup of finished runs, exported only when it beats the best single run
+    (``--uniform``: the average of every run, always exported; `train hybrid` then judges it)."""
     from lesiontriage.train.common import command_line
     from lesiontriage.train.export import export_run
     from lesiontriage.train.soup import make_soup

@@ -102,3 +102,13 @@ def test_frozen_copies_of_the_ensemble_match_it():
     with torch.inference_mode():
         (le, se), (lf, sf) = ens(x), fast(x)
     assert torch.allclose(le, lf, atol=1e-4) and torch.allclose(se.softmax(-1), sf.softmax(-1), atol=1e-4)
+
+
+def test_hybrid_study_refuses_the_ensemble_flag_without_a_second_model_and_leaves_metadata_alone(tmp_path):
+    from lesiontriage.train.hybrid import choose_hybrid
+
+    models_dir = _models_dir(tmp_path, ensemble=False, with_second=False)
+    before = (models_dir / "metadata.json").read_text()
+    with pytest.raises(ModelError, match="image_classifier_2"):
+        choose_hybrid(models_dir, whole_image_ensemble=True)
+    assert (models_dir / "metadata.json").read_text() == before

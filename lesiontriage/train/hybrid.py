@@ -252,6 +252,10 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
     study = study or HybridStudy()
     if whole_image_ensemble is not None:
         meta = read_metadata(models_dir)
+        if whole_image_ensemble and "image_classifier_2" not in meta.get("models", {}):
+            # refuse before writing: a failed study must not leave metadata.json naming a model that is not there
+            raise ModelError(f"--whole-image-ensemble needs image_classifier_2, which {models_dir / 'metadata.json'} "
+                             "does not list (train it with `--config image_classifier_lite2_b`)")
         meta.setdefault("pipeline", {})["whole_image_ensemble"] = bool(whole_image_ensemble)
         write_metadata(models_dir, meta)
     pipe = TriagePipeline.from_dir(models_dir)
