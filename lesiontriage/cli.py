@@ -369,6 +369,11 @@ def train(
         except (LesionTriageError, FileNotFoundError) as exc:
             _fail(str(exc))
         _print_table(record["table"])
+        score = record.get("whole_image_score") or {}
+        if score:
+            _print_table(score["table"])
+            console.print(f"whole-image view: sub-type share = {score['subtype_weight']}, temperature = "
+                          f"{score['temperature']:.3f} (0 = the binary head alone)")
         console.print(f"chosen whole_image_weight = {record['whole_image_weight']}, full_frame_weight = "
                       f"{record['full_frame_weight']}, close-up gate = "
                       f"{record['closeup_min_box_fraction']}, soft gate from = {record.get('closeup_ramp_from')}, "

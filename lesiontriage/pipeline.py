@@ -197,11 +197,12 @@ class TriagePipeline:
             raise ModelError(f"whole_image_ensemble is set but {models_dir / 'metadata.json'} lists no {SECOND_WHOLE_KEY}")
         spec = whole_view_spec(meta)
         members = [cls._load_classifier(models_dir, models[k]) for k in spec.members]
-        if len(members) == 1:
+        if not spec.wrapped:
             return members[0], models["image_classifier"]
-        ensemble = MeanLogitEnsemble(members, [float(models[k].get("temperature", 1.0)) for k in spec.members])
+        ensemble = MeanLogitEnsemble(members, [float(models[k].get("temperature", 1.0)) for k in spec.members],
+                                     spec.subtype_weight)
         return ensemble.eval(), {**models["image_classifier"], "temperature": spec.temperature, "sha256": spec.sha256,
-                                 "members": list(spec.members)}
+                                 "members": list(spec.members), "subtype_weight": spec.subtype_weight}
 
     @staticmethod
     def _load_classifier(models_dir: Path, entry: dict[str, Any]) -> LesionClassifier:

@@ -112,3 +112,92 @@ def test_hybrid_study_refuses_the_ensemble_flag_without_a_second_model_and_leave
     with pytest.raises(ModelError, match="image_classifier_2"):
         choose_hybrid(models_dir, whole_image_ensemble=True)
     assert (models_dir / "metadata.json").read_text() == before
+
+
+def test_subtype_malignant_logit_is_the_logit_of_the_malignant_mass():
+    from lesiontriage.networks.whole_view import subtype_malignant_logit
+
+    torch.manual_seed(3)
+    z = torch.randn(5, len(CFG.subtypes)) * 3
+    p = z.softmax(-1)
+    mal = [i for i, s in enumerate(CFG.subtypes) if s in ("MEL", "BCC", "AKIEC")]
+    mass = p[:, mal].sum(-1)
+    assert torch.allclose(subtype_malignant_logit(z, CFG.subtypes), torch.log(mass / (1 - mass)), atol=1e-4)
+    assert torch.allclose(subtype_malignant_logit(p.log(), CFG.subtypes), subtype_malignant_logit(z, CFG.subtypes), atol=1e-4)
+    # a head sure of melanoma gives a large positive logit, one sure of a naevus a large negative one
+    sure = torch.full((2, len(CFG.subtypes)), -10.0)
+    sure[0, CFG.subtypes.index("MEL")] = sure[1, CFG.subtypes.index("NV")] = 10.0
+    out = subtype_malignant_logit(sure, CFG.subtypes)
+    assert out[0] > 15 and out[1] < -15
+    with pytest.raises(ValueError):
+        subtype_malignant_logit(z[:, :2], ("NV", "BKL"))
+
+
+def test_subtype_share_mixes_each_members_logit_and_keys_its_own_cache(tmp_path):
+    from lesiontriage.networks.whole_view import subtype_malignant_logit
+
+    torch.manual_seed(4)
+    a, b = LesionClassifier(CFG, pretrained=False).eval(), LesionClassifier(CFG, pretrained=False).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        (la, sa), (lb, sb) = a(x), b(x)
+        mixed, _ = MeanLogitEnsemble([a, b], [2.0, 0.5], subtype_weight=0.5)(x)
+        only_sub, _ = MeanLogitEnsemble([a, b], [2.0, 0.5], subtype_weight=1.0)(x)
+        lo, _, _ = MeanLogitEnsemble([a, b], [2.0, 0.5], subtype_weight=0.5).outputs(x)
+    ma, mb = subtype_malignant_logit(sa, CFG.subtypes), subtype_malignant_logit(sb, CFG.subtypes)
+    assert torch.allclose(mixed, ((0.5 * la / 2.0 + 0.5 * ma) + (0.5 * lb / 0.5 + 0.5 * mb)) / 2, atol=1e-4)
+    assert torch.allclose(only_sub, (ma + mb) / 2, atol=1e-4)
+    assert torch.allclose(lo, mixed, atol=1e-4)  # outputs() (sub-type probabilities) agrees with the call
+    with pytest.raises(ValueError):
+        MeanLogitEnsemble([a], [1.0], subtype_weight=1.5)
+    meta = read_metadata(_models_dir(tmp_path / "s", ensemble=False))
+    plain = whole_view_spec(meta)
+    meta["pipeline"].update({"whole_image_subtype_weight": 1.0, "whole_image_temperature": 1.4})
+    sub = whole_view_spec(meta)
+    assert not plain.wrapped and sub.wrapped and sub.members == ("image_classifier",)
+    assert sub.temperature == 1.4 and sub.subtype_weight == 1.0 and sub.sha256 != plain.sha256
+    meta["pipeline"]["whole_image_temperature"] = 1.5  # another calibration: another cache entry (the hybrid caches p)
+    assert whole_view_spec(meta).sha256 != sub.sha256
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_pipeline_scores_a_close_up_with_the_chosen_subtype_share(tmp_path, fast):
+    from lesiontriage.networks.whole_view import subtype_malignant_logit
+    from lesiontriage.pipeline import TriagePipeline, _to_tensor
+    from lesiontriage.weights import load_weights
+
+    models_dir = _models_dir(tmp_path, ensemble=False)
+    meta = read_metadata(models_dir)
+    meta["pipeline"].update({"whole_image_subtype_weight": 1.0, "whole_image_temperature": 2.0})
+    write_metadata(models_dir, meta)
+    rgb = (np.random.default_rng(1).random((70, 90, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "photo.png")
+    pipe = TriagePipeline.from_dir(models_dir, fast=fast)
+    assert isinstance(pipe.image_classifier, MeanLogitEnsemble) and pipe.image_clf_meta["temperature"] == 2.0
+    score = pipe.predict(tmp_path / "photo.png", whole_image=True).image_score
+    entry = meta["models"]["image_classifier"]
+    m = LesionClassifier(CFG, pretrained=False)
+    m.load_state_dict(load_weights(models_dir / entry["file"], entry["sha256"]))
+    batch = pipe._normalise([_to_tensor(pipe.load(tmp_path / "photo.png").rgb)], CFG)
+    with torch.inference_mode():
+        z = float(subtype_malignant_logit(m.eval()(batch)[1], CFG.subtypes)[0]) / 2.0
+    assert score == pytest.approx(1 / (1 + np.exp(-z)), abs=1e-4)
+
+
+def test_whole_score_study_takes_the_subtype_head_only_when_it_ranks_validation_better():
+    from lesiontriage.train.hybrid import MemberLogits, choose_subtype_weight, whole_score_table
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    strata = ["a"] * 200 + ["b"] * 200
+    informative = y * 2.0 + rng.normal(0, 1, 400)
+    noise = rng.normal(0, 1, 400)
+    sub_wins = [MemberLogits("m", noise + 0.3 * y, informative)]
+    table = whole_score_table(sub_wins, strata, y, (0.0, 0.5, 1.0))
+    alpha, t = choose_subtype_weight(table, 0.005)
+    assert alpha == 1.0 and t == pytest.approx(float(table.loc[2, "temperature"])) and 0.2 < t < 5
+    assert table.loc[0, "temperature"] == 1.0  # the binary head keeps the members' own temperatures
+    binary_wins = [MemberLogits("m", informative, noise + 0.3 * y)]
+    assert choose_subtype_weight(whole_score_table(binary_wins, strata, y, (0.0, 0.5, 1.0)), 0.005) == (0.0, 1.0)
+    tie = [MemberLogits("m", informative, informative + rng.normal(0, 1e-3, 400))]  # no gain >= the bar: keep binary
+    assert choose_subtype_weight(whole_score_table(tie, strata, y, (0.0, 1.0)), 0.005) == (0.0, 1.0)

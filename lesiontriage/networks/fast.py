@@ -285,7 +285,7 @@ def fast_classifier(model: nn.Module, tolerance: float = TOLERANCE) -> tuple[Any
         parts = [fast_classifier(m, tolerance) for m in model.members]
         info = {"engine": "members", "members": [i for _, i in parts],
                 "reason": "; ".join(i["reason"] for _, i in parts if i["reason"])}
-        return MeanLogitEnsemble([m for m, _ in parts], model.temperatures), info
+        return MeanLogitEnsemble([m for m, _ in parts], model.temperatures, model.subtype_weight), info
     model = model.eval()
     size = int(model.config.input_size)
     trace_in = _probe((size, size)).contiguous(memory_format=torch.channels_last)

@@ -6,8 +6,18 @@ mean of their temperature-scaled logits raised the product's validation macro AU
 change), where their weight average (``train soup``) did not. On a close-up the blend then drops the full-frame
 view, so the second network replaces that pass rather than adding one.
 
+**Which head scores malignancy** (``pipeline.whole_image_subtype_weight``, alpha): each member's malignant logit is
+``(1 - alpha) * binary_logit / T_member + alpha * subtype_logit``, where ``subtype_logit`` is the 8-way sub-type
+head's malignant mass as a logit, ``log P(MEL, BCC, AKIEC) - log P(the rest)``. The sub-type head is trained on
+the same photos with finer labels, so it is a second malignancy estimate for free; ``train hybrid`` chooses alpha
+from {0, 0.5, 1} on every labelled validation photo (0.005 bar) and fits the view's temperature
+(``pipeline.whole_image_temperature``) for it. Measured 2026-12-07 with the shipped pair: view macro AUC 0.887 (binary)
+vs 0.890 (sub-type mass) on all 1,710 validation photos, so the binary head stays (alpha 0). On the blend study's
+585-photo sample the gap looked like 0.007, and the test splits then fell (ISIC 0.914 -> 0.910, derm7pt clinical
+0.806 -> 0.788): the reason the choice uses the whole validation split.
+
 Everything that caches or calibrates whole-image outputs (evaluation, the hybrid study) keys them on
-:func:`whole_view_spec`, so a single model and the ensemble never share a cache entry.
+:func:`whole_view_spec`, so a single model, the ensemble and each score definition never share a cache entry.
 """
 from __future__ import annotations
 
@@ -18,7 +28,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from lesiontriage.data.schema import MALIGNANT_CODES
+
 SECOND_KEY = "image_classifier_2"
+
+
+def subtype_malignant_logit(subtype_logits: torch.Tensor, subtypes: tuple[str, ...]) -> torch.Tensor:
+    """``log P(malignant sub-types) - log P(benign sub-types)`` under the softmax of ``subtype_logits`` [N, C]:
+    the logit of the sub-type head's malignant mass, computed with logsumexp (no clipping of tiny masses).
+    Log-probabilities work as input too (the softmax of log p is p)."""
+    malignant = [i for i, s in enumerate(subtypes) if s in MALIGNANT_CODES]
+    benign = [i for i, s in enumerate(subtypes) if s not in MALIGNANT_CODES]
+    if not malignant or not benign:
+        raise ValueError(f"sub-types {subtypes} need both malignant ({sorted(MALIGNANT_CODES)}) and benign classes")
+    z = subtype_logits.float()
+    return torch.logsumexp(z[:, malignant], dim=-1) - torch.logsumexp(z[:, benign], dim=-1)
 
 
 @dataclass(frozen=True)
@@ -29,34 +53,63 @@ class WholeViewSpec:
     members: tuple[str, ...]
     sha256: str
     temperature: float
+    subtype_weight: float = 0.0  # alpha: the sub-type head's share of each member's malignant logit
+
+    @property
+    def wrapped(self) -> bool:
+        """Whether the view is a :class:`MeanLogitEnsemble` (two members, or a sub-type share) rather than one
+        plain classifier."""
+        return len(self.members) > 1 or self.subtype_weight > 0
 
 
 def whole_view_spec(metadata: dict[str, Any]) -> WholeViewSpec | None:
     """The whole-image view described by metadata.json, or None without a whole-image classifier."""
     models = metadata.get("models") or {}
+    pipeline = metadata.get("pipeline") or {}
     first = models.get("image_classifier")
     if not first:
         return None
-    if (metadata.get("pipeline") or {}).get("whole_image_ensemble") and SECOND_KEY in models:
-        shas = [first["sha256"], models[SECOND_KEY]["sha256"]]
-        combined = hashlib.sha256("+".join(shas).encode()).hexdigest()
-        return WholeViewSpec(("image_classifier", SECOND_KEY), combined, 1.0)
-    return WholeViewSpec(("image_classifier",), str(first.get("sha256", "")), float(first.get("temperature", 1.0)))
+    members: tuple[str, ...] = ("image_classifier",)
+    if pipeline.get("whole_image_ensemble") and SECOND_KEY in models:
+        members = ("image_classifier", SECOND_KEY)
+    alpha = float(pipeline.get("whole_image_subtype_weight") or 0.0)
+    if len(members) == 1 and alpha == 0:
+        return WholeViewSpec(members, str(first.get("sha256", "")), float(first.get("temperature", 1.0)))
+    parts = [models[k]["sha256"] for k in members]
+    temperature = 1.0  # the members' own temperatures are applied inside the ensemble
+    if alpha > 0:
+        temperature = float(pipeline.get("whole_image_temperature") or 1.0)
+        parts.append(f"subtype={alpha:g}|T={temperature:.6g}")  # p depends on both: never share a cache entry
+    combined = hashlib.sha256("+".join(parts).encode()).hexdigest()
+    return WholeViewSpec(members, combined, temperature, alpha)
 
 
 class MeanLogitEnsemble:
     """Members' malignant logits each divided by its own temperature, then averaged (a calibrated logit: use
-    temperature 1.0 on it); sub-type probabilities averaged; pooled features from the first member.
+    temperature 1.0 on it); sub-type probabilities averaged; pooled features from the first member. With
+    ``subtype_weight`` alpha > 0 each member's logit is ``(1 - alpha) * binary / T + alpha * sub-type malignant
+    logit`` (the view's temperature, fitted for that mix, is applied by the caller).
 
     Called like a ``LesionClassifier`` (``model(x)``, ``model.outputs(x)``, ``model.config``). Not an ``nn.Module``:
     its members may be eager classifiers or their frozen CPU copies (networks/fast.py builds one per member)."""
 
-    def __init__(self, members: list[Any], temperatures: list[float]) -> None:
+    def __init__(self, members: list[Any], temperatures: list[float], subtype_weight: float = 0.0) -> None:
         if len(members) != len(temperatures) or not members:
             raise ValueError("one temperature per member, at least one member")
+        if not 0.0 <= subtype_weight <= 1.0:
+            raise ValueError(f"subtype_weight must lie in [0, 1], got {subtype_weight}")
         self.members = list(members)
         self.temperatures = [float(t) for t in temperatures]
+        self.subtype_weight = float(subtype_weight)
         self.config = members[0].config
+
+    def _member_logit(self, member: Any, binary_logit: torch.Tensor, subtype_scores: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+        z = binary_logit.float() / temperature
+        if self.subtype_weight == 0:
+            return z
+        mass = subtype_malignant_logit(subtype_scores, tuple(member.config.subtypes))
+        return (1.0 - self.subtype_weight) * z + self.subtype_weight * mass
 
     def eval(self) -> "MeanLogitEnsemble":
         for m in self.members:
@@ -66,10 +119,12 @@ class MeanLogitEnsemble:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         outs = [m(x) for m in self.members]
-        logit = torch.stack([o[0].float() / t for o, t in zip(outs, self.temperatures)]).mean(0)
+        logit = torch.stack([self._member_logit(m, o[0], o[1], t)
+                             for m, o, t in zip(self.members, outs, self.temperatures)]).mean(0)
         return logit, torch.stack([o[1].float() for o in outs]).mean(0)
 
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        outs = [m.outputs(x) for m in self.members]
-        logit = torch.stack([o[0].float() / t for o, t in zip(outs, self.temperatures)]).mean(0)
+        outs = [m.outputs(x) for m in self.members]  # sub-type *probabilities* here: their log works as logits
+        logit = torch.stack([self._member_logit(m, o[0], torch.log(o[1].float().clamp_min(1e-30)), t)
+                             for m, o, t in zip(self.members, outs, self.temperatures)]).mean(0)
         return logit, torch.stack([o[1].float() for o in outs]).mean(0), outs[0][2]

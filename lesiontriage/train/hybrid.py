@@ -19,9 +19,14 @@
 4. **No lesion kept.** The grid once more with photos without a kept lesion scored by the views
    alone (``no_lesion_views``) instead of 0; switched on only with a further gain >= ``min_gain``.
 
+Before all of this, **the whole-image view's score** (networks/whole_view.py): on every labelled validation photo
+(whole, as the whole-image trainer validates), each candidate sub-type share alpha (``subtype_weights``: 0 = the binary head alone, 1 = the 8-way head's
+malignant mass alone) gets the view's macro AUC over the strata and, for alpha > 0, a temperature fitted on those
+photos (NLL); alpha replaces 0 only with a gain >= ``min_gain``. The blend is then chosen for the view that ships.
+
 Writes ``pipeline.whole_image_weight``, ``pipeline.full_frame_weight``,
-``pipeline.closeup_min_box_fraction``, ``pipeline.closeup_ramp_from`` and the table under ``pipeline.hybrid_choice`` in
-``models/metadata.json``. Run ``train tiers`` afterwards: the tiers
+``pipeline.closeup_min_box_fraction``, ``pipeline.closeup_ramp_from``, ``pipeline.whole_image_subtype_weight``,
+``pipeline.whole_image_temperature`` and the tables under ``pipeline.hybrid_choice`` in ``models/metadata.json``. Run ``train tiers`` afterwards: the tiers
 are thresholds on the scores this rule produces.
 """
 from __future__ import annotations
@@ -42,7 +47,7 @@ from lesiontriage.box_selection import select_boxes
 from lesiontriage.data.manifest import load_manifest, manifest_hash, resolve_path
 from lesiontriage.errors import ModelError
 from lesiontriage.hybrid import HybridRule, largest_box_fraction
-from lesiontriage.networks.whole_view import whole_view_spec
+from lesiontriage.networks.whole_view import subtype_malignant_logit, whole_view_spec
 from lesiontriage.paths import MODELS_DIR, RUNS_DIR
 from lesiontriage.pipeline import _to_tensor
 from lesiontriage.train.box_rule import BoxRuleStudy, _load, collect, merge_tag, stratum_aucs, validation_detections
@@ -64,6 +69,8 @@ class HybridStudy:
     # Soft-gate starts: below 2% of the frame a box is a mole on a wide-field photo (their median is 0.75%).
     ramps: tuple[float, ...] = (0.02, 0.05)
     scene_tolerance: float = 0.01  # the most a ramp may cost the validation scenes' image AUC
+    # The whole-image view's sub-type share alpha (networks/whole_view.py): 0 = binary head, 1 = sub-type mass.
+    subtype_weights: tuple[float, ...] = (0.0, 0.5, 1.0)
 
 
 @dataclass
@@ -154,6 +161,96 @@ def choose_weights(table: pd.DataFrame, min_gain: float) -> tuple[float, float]:
 def choose_weight(table: pd.DataFrame, min_gain: float) -> float:
     """The whole-image weight of :func:`choose_weights` (tables of whole-image weights alone)."""
     return choose_weights(table, min_gain)[0]
+
+
+@dataclass
+class MemberLogits:
+    """One whole-image member's raw outputs on the validation photos: binary logit / its temperature [N] and the
+    sub-type head's malignant-mass logit [N] (networks/whole_view.py)."""
+
+    key: str
+    binary: np.ndarray
+    subtype: np.ndarray
+
+
+def whole_score_table(members: list[MemberLogits], strata: list[str], y: np.ndarray,
+                      subtype_weights: tuple[float, ...]) -> pd.DataFrame:
+    """Per candidate alpha: the view's temperature (fitted by NLL for alpha > 0; 1 = the members' own) and its macro
+    / per-stratum ROC AUC on the validation photos."""
+    from lesiontriage.evaluate.calibration import fit_temperature
+
+    rows = []
+    for alpha in subtype_weights:
+        z = np.mean([(1.0 - alpha) * m.binary + alpha * m.subtype for m in members], axis=0)
+        temperature = fit_temperature(z, y) if alpha > 0 else 1.0
+        aucs = stratum_aucs(pd.DataFrame({"stratum": strata, "y": y, "score": z}))
+        rows.append({"subtype_weight": float(alpha), "temperature": float(temperature), **aucs,
+                     "macro": float(np.mean(list(aucs.values())))})
+    return pd.DataFrame(rows)
+
+
+def choose_subtype_weight(table: pd.DataFrame, min_gain: float) -> tuple[float, float]:
+    """(alpha, temperature) of the best row by macro AUC, or the binary head's (0, 1) unless it gains >= ``min_gain``."""
+    best = table.loc[table["macro"].idxmax()]
+    base = table[table["subtype_weight"] == 0.0]
+    if base.empty:
+        raise ValueError("the candidates must include subtype_weight 0 (the binary head): the baseline")
+    if float(best["macro"]) - float(base["macro"].iloc[0]) < min_gain:
+        return 0.0, 1.0
+    return float(best["subtype_weight"]), float(best["temperature"])
+
+
+def _member_logits(models_dir: Path, meta: dict[str, Any], rows: pd.DataFrame, data_root: Path | None,
+                   cache: Path) -> list[MemberLogits]:
+    """Each whole-image member's binary and sub-type-mass logits on the whole validation split, each photo whole as
+    the whole-image trainer validates it (cached per member set)."""
+    if cache.exists():
+        return pickle.loads(cache.read_bytes())
+    import torch
+
+    from lesiontriage.data.torch_datasets import LesionImageDataset
+    from lesiontriage.pipeline import TriagePipeline
+    from lesiontriage.train.classifier import predict_logits
+
+    out = []
+    for key in whole_view_spec(meta).members:
+        entry = meta["models"][key]
+        model = TriagePipeline._load_classifier(models_dir, entry)
+        cfg = model.config
+        ds = LesionImageDataset(rows, train=False, input_size=cfg.input_size, mean=cfg.mean, std=cfg.std, mode="whole",
+                                margin=cfg.crop_margin, data_root=data_root)
+        logits, sub = predict_logits(model, ds, flip_tta=False, bf16=False)  # the view runs without flip TTA
+        out.append(MemberLogits(key, logits / float(entry.get("temperature", 1.0)),
+                                subtype_malignant_logit(torch.from_numpy(sub), tuple(cfg.subtypes)).numpy()))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_bytes(pickle.dumps(out))
+    return out
+
+
+def choose_whole_score(models_dir: Path, manifest: pd.DataFrame, data_root: Path | None,
+                       study: HybridStudy) -> dict[str, Any]:
+    """Step 0: choose the whole-image view's sub-type share on the whole validation split (every labelled val photo,
+    not the blend study's per-stratum sample: on that 585-photo sample the sub-type head gained 0.007 macro AUC, on
+    all 1,710 only 0.002) and write it, with its temperature, to metadata.json; returns the decision record."""
+    from lesiontriage.train.classifier import ClassifierTrainConfig, select_rows
+
+    meta = read_metadata(models_dir)
+    rows = select_rows(manifest, "val", ClassifierTrainConfig().sources)
+    keys = whole_view_spec(meta).members
+    tag = "_".join(meta["models"][k]["sha256"][:12] for k in keys)
+    members = _member_logits(models_dir, meta, rows, data_root, RUNS_DIR / "hybrid" / f"members_{tag}_{len(rows)}.pkl")
+    strata = (rows["source"] + "/" + rows["modality"]).astype(str).tolist()
+    table = whole_score_table(members, strata, rows["malignant"].astype(int).to_numpy(), study.subtype_weights)
+    alpha, temperature = choose_subtype_weight(table, study.min_gain)
+    meta.setdefault("pipeline", {})["whole_image_subtype_weight"] = alpha
+    meta["pipeline"]["whole_image_temperature"] = temperature
+    write_metadata(models_dir, meta)
+    return {"subtype_weight": alpha, "temperature": temperature, "members": list(keys),
+            "chosen_on": f"validation split: all {len(rows)} labelled photos, whole",
+            "criterion": (f"whole-image view alone: macro ROC AUC over source x modality strata of the mean member "
+                          f"logit (1 - alpha) * binary / T + alpha * sub-type malignant mass; alpha replaces 0 only "
+                          f"with a gain >= {study.min_gain}; temperature fitted on the same photos (NLL)"),
+            "table": table.round(4).to_dict(orient="records")}
 
 
 def _widefield_fractions(pipe, manifest: pd.DataFrame, study: HybridStudy, data_root: Path | None) -> list[dict[str, Any]]:
@@ -263,10 +360,12 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
         raise ModelError(f"the close-up blend needs a whole-image classifier: {models_dir / 'metadata.json'} lists none "
                          "(run `lesiontriage train image-classifier` first)")
     manifest = load_manifest(manifest_path)
+    whole_score = choose_whole_score(models_dir, manifest, data_root, study)
+    pipe = TriagePipeline.from_dir(models_dir)  # the whole-image view as chosen
     meta = read_metadata(models_dir)
+    rows = validation_images(manifest, BoxRuleStudy().targets)
     wide = _widefield_fractions(pipe, manifest, study, data_root)
     gate = choose_gate([w["largest_box_fraction"] for w in wide], study.gates)
-    rows = validation_images(manifest, BoxRuleStudy().targets)
     sha = meta["models"]
     tag = f"{sha['detector']['sha256'][:12]}_{whole_view_spec(meta).sha256[:12]}_{len(rows)}"
     photos = _closeups(pipe, rows, data_root, RUNS_DIR / "hybrid" / f"whole_{tag}.pkl")
@@ -327,6 +426,7 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
         "manifest_hash": manifest_hash(manifest),
         "model_sha256": {k: meta["models"][k]["sha256"] for k in ("detector", "classifier", *whole_view_spec(meta).members)},
         "whole_image_view": list(whole_view_spec(meta).members),
+        "whole_image_score": whole_score,
         "command": command,
         "date": dt.date.today().isoformat(),
     }
