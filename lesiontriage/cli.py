@@ -301,8 +301,9 @@ def train(
                                             "start point, each RUN or RUN:checkpoint.pt"),
     soup_name: str = typer.Option("soup", "--name", help="soup: the run folder runs/<name>/ the soup is written to"),
     whole_ensemble: Optional[bool] = typer.Option(None, "--whole-image-ensemble/--single-whole-image",
-                                                  help="hybrid: make the whole-image view the mean of image_classifier "
-                                                       "+ image_classifier_2 (or one model) before choosing the blend"),
+                                                  help="hybrid: choose the whole-image view among every set of the "
+                                                       "installed image_classifier* models (or use image_classifier "
+                                                       "alone) before choosing the blend; unset keeps the view's members"),
     soup_uniform: bool = typer.Option(False, "--uniform", help="soup: average every run and export it (for a view "
                                       "judged on the product score by `train hybrid`) instead of the greedy soup"),
     check_product: bool = typer.Option(False, "--check-product",
@@ -372,8 +373,8 @@ def train(
         score = record.get("whole_image_score") or {}
         if score:
             _print_table(score["table"])
-            console.print(f"whole-image view: sub-type share = {score['subtype_weight']}, temperature = "
-                          f"{score['temperature']:.3f} (0 = the binary head alone)")
+            console.print(f"whole-image view: {' + '.join(score['members'])}, sub-type share = {score['subtype_weight']} "
+                          f"(0 = the binary head alone), temperature = {score['temperature']:.3f}")
         console.print(f"chosen whole_image_weight = {record['whole_image_weight']}, full_frame_weight = "
                       f"{record['full_frame_weight']}, close-up gate = "
                       f"{record['closeup_min_box_fraction']}, soft gate from = {record.get('closeup_ramp_from')}, "

@@ -25,7 +25,7 @@ from lesiontriage.hybrid import HybridRule
 from lesiontriage.imaging import LoadedImage, assess_quality, crop_with_margin, load_image
 from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier, MalignantLogitOnly
 from lesiontriage.networks.detector import DetectorConfig, build_detector
-from lesiontriage.networks.whole_view import SECOND_KEY as SECOND_WHOLE_KEY, MeanLogitEnsemble, whole_view_spec
+from lesiontriage.networks.whole_view import MeanLogitEnsemble, whole_view_members, whole_view_spec
 from lesiontriage.paths import models_dir as resolve_models_dir
 from lesiontriage.results import Lesion, Tier, TriageResult
 from lesiontriage.weights import load_weights, read_metadata
@@ -65,7 +65,6 @@ class PipelineSettings:
     closeup_min_box_fraction: float = 0.15  # largest kept box / image area that makes a photo a close-up
     closeup_ramp_from: float | None = None  # soft gate (hybrid.py): views' weights ramp up from this fraction
     no_lesion_views: bool = False  # no lesion kept: the image score comes from the two whole-photo views (hybrid.py)
-    whole_image_ensemble: bool = False  # whole-image view = mean logit of image_classifier + image_classifier_2
     fast_cpu: bool = True  # run the networks through frozen oneDNN copies (networks/fast.py), checked vs eager at load
 
     @property
@@ -193,8 +192,10 @@ class TriagePipeline:
                          settings: PipelineSettings) -> tuple[Any, dict[str, Any]]:
         """The whole-image view (networks/whole_view.py) and the metadata its temperature is read from."""
         models = meta["models"]
-        if settings.whole_image_ensemble and SECOND_WHOLE_KEY not in models:
-            raise ModelError(f"whole_image_ensemble is set but {models_dir / 'metadata.json'} lists no {SECOND_WHOLE_KEY}")
+        missing = [k for k in whole_view_members(meta) if k not in models]
+        if missing:
+            raise ModelError(f"the whole-image view asks for {', '.join(missing)}, which {models_dir / 'metadata.json'} "
+                             "does not list (re-run `lesiontriage train hybrid`)")
         spec = whole_view_spec(meta)
         members = [cls._load_classifier(models_dir, models[k]) for k in spec.members]
         if not spec.wrapped:

@@ -184,20 +184,66 @@ def test_pipeline_scores_a_close_up_with_the_chosen_subtype_share(tmp_path, fast
     assert score == pytest.approx(1 / (1 + np.exp(-z)), abs=1e-4)
 
 
-def test_whole_score_study_takes_the_subtype_head_only_when_it_ranks_validation_better():
-    from lesiontriage.train.hybrid import MemberLogits, choose_subtype_weight, whole_score_table
+def test_whole_view_study_takes_the_subtype_head_only_when_it_ranks_validation_better():
+    from lesiontriage.train.hybrid import MemberLogits, choose_whole_view, whole_score_table
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 400)
     strata = ["a"] * 200 + ["b"] * 200
     informative = y * 2.0 + rng.normal(0, 1, 400)
     noise = rng.normal(0, 1, 400)
-    sub_wins = [MemberLogits("m", noise + 0.3 * y, informative)]
-    table = whole_score_table(sub_wins, strata, y, (0.0, 0.5, 1.0))
-    alpha, t = choose_subtype_weight(table, 0.005)
-    assert alpha == 1.0 and t == pytest.approx(float(table.loc[2, "temperature"])) and 0.2 < t < 5
+    one = ("m",)
+    table = whole_score_table([MemberLogits("m", noise + 0.3 * y, informative)], strata, y, (0.0, 0.5, 1.0))
+    keys, alpha, t = choose_whole_view(table, 0.005, (one, 0.0))
+    assert (keys, alpha) == (one, 1.0) and t == pytest.approx(float(table.loc[2, "temperature"])) and 0.2 < t < 5
     assert table.loc[0, "temperature"] == 1.0  # the binary head keeps the members' own temperatures
-    binary_wins = [MemberLogits("m", informative, noise + 0.3 * y)]
-    assert choose_subtype_weight(whole_score_table(binary_wins, strata, y, (0.0, 0.5, 1.0)), 0.005) == (0.0, 1.0)
-    tie = [MemberLogits("m", informative, informative + rng.normal(0, 1e-3, 400))]  # no gain >= the bar: keep binary
-    assert choose_subtype_weight(whole_score_table(tie, strata, y, (0.0, 1.0)), 0.005) == (0.0, 1.0)
+    binary_wins = whole_score_table([MemberLogits("m", informative, noise + 0.3 * y)], strata, y, (0.0, 0.5, 1.0))
+    assert choose_whole_view(binary_wins, 0.005, (one, 0.0)) == (one, 0.0, 1.0)
+    tie = whole_score_table([MemberLogits("m", informative, informative + rng.normal(0, 1e-3, 400))], strata, y, (0.0, 1.0))
+    assert choose_whole_view(tie, 0.005, (one, 0.0))[:2] == (one, 0.0)  # no gain >= the bar: keep what ships
+    with pytest.raises(ValueError):
+        choose_whole_view(tie, 0.005, (("other",), 0.0))
+
+
+def test_whole_view_study_adds_a_member_only_when_the_mean_ranks_validation_better():
+    from lesiontriage.train.hybrid import MemberLogits, choose_whole_view, whole_member_sets, whole_score_table
+
+    keys = ["image_classifier", "image_classifier_2", "image_classifier_3"]
+    sets = whole_member_sets(keys, True, ("image_classifier",))
+    assert sets == [("image_classifier",), ("image_classifier", "image_classifier_2"),
+                    ("image_classifier", "image_classifier_3"), ("image_classifier", "image_classifier_2", "image_classifier_3")]
+    assert whole_member_sets(keys, False, ("image_classifier", "image_classifier_2")) == [("image_classifier",)]
+    assert whole_member_sets(keys, None, ("image_classifier", "image_classifier_2")) == [("image_classifier", "image_classifier_2")]
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 600)
+    strata = ["a"] * 600
+    signal = y * 1.0
+    # three members with independent errors: their mean ranks better than any one; the third is pure noise
+    m = [MemberLogits("image_classifier", signal + rng.normal(0, 1, 600), rng.normal(0, 1, 600)),
+         MemberLogits("image_classifier_2", signal + rng.normal(0, 1, 600), rng.normal(0, 1, 600)),
+         MemberLogits("image_classifier_3", rng.normal(0, 1, 600), rng.normal(0, 1, 600))]
+    table = whole_score_table(m, strata, y, (0.0,), sets)
+    chosen, alpha, _ = choose_whole_view(table, 0.005, (("image_classifier",), 0.0))
+    assert chosen == ("image_classifier", "image_classifier_2") and alpha == 0.0
+    # the shipped pair stays when nothing beats it by the bar
+    assert choose_whole_view(table, 0.005, (("image_classifier", "image_classifier_2"), 0.0))[0] == ("image_classifier", "image_classifier_2")
+
+
+def test_listed_members_make_the_view_and_a_missing_one_is_a_clear_error(tmp_path):
+    from lesiontriage.networks.whole_view import whole_view_members
+    from lesiontriage.pipeline import TriagePipeline
+
+    models_dir = _models_dir(tmp_path, ensemble=False)
+    meta = read_metadata(models_dir)
+    assert whole_view_members(meta) == ("image_classifier",)
+    meta["pipeline"]["whole_image_ensemble"] = True  # metadata written before members were listed
+    legacy = whole_view_spec(meta)
+    assert whole_view_members(meta) == ("image_classifier", "image_classifier_2")
+    meta["pipeline"]["whole_image_members"] = ["image_classifier", "image_classifier_2"]
+    assert whole_view_spec(meta) == legacy  # same view, same cache key
+    meta["pipeline"]["whole_image_members"] = ["image_classifier_2", "image_classifier"]
+    assert whole_view_spec(meta).sha256 != legacy.sha256  # the first member leads (features): another entry
+    meta["pipeline"]["whole_image_members"] = ["image_classifier", "image_classifier_3"]
+    write_metadata(models_dir, meta)
+    with pytest.raises(ModelError, match="image_classifier_3"):
+        TriagePipeline.from_dir(models_dir, fast=False)

@@ -1,4 +1,4 @@
-"""The whole-image view: one whole-image classifier, or the mean of two (``pipeline.whole_image_ensemble``).
+"""The whole-image view: one whole-image classifier, or the mean of several (``pipeline.whole_image_members``).
 
 Why an ensemble here and not for the lesion crops: the close-up blend gives the whole-image view most of the image
 score, and two whole-image runs from the same start point (seeds 5 and 11) made different enough errors that the
@@ -62,18 +62,30 @@ class WholeViewSpec:
         return len(self.members) > 1 or self.subtype_weight > 0
 
 
+def whole_view_members(metadata: dict[str, Any]) -> tuple[str, ...]:
+    """The whole-image models metadata.json asks for: ``pipeline.whole_image_members`` (chosen by ``train hybrid``),
+    else the two-model ensemble of ``pipeline.whole_image_ensemble`` (metadata written before members were listed),
+    else ``image_classifier`` alone. Not checked against ``models``: the pipeline refuses missing ones."""
+    pipeline = metadata.get("pipeline") or {}
+    listed = pipeline.get("whole_image_members")
+    if listed:
+        return tuple(str(k) for k in listed)
+    if pipeline.get("whole_image_ensemble"):
+        return ("image_classifier", SECOND_KEY)
+    return ("image_classifier",)
+
+
 def whole_view_spec(metadata: dict[str, Any]) -> WholeViewSpec | None:
-    """The whole-image view described by metadata.json, or None without a whole-image classifier."""
+    """The whole-image view described by metadata.json (its requested members that are installed), or None without
+    a whole-image classifier."""
     models = metadata.get("models") or {}
     pipeline = metadata.get("pipeline") or {}
     first = models.get("image_classifier")
     if not first:
         return None
-    members: tuple[str, ...] = ("image_classifier",)
-    if pipeline.get("whole_image_ensemble") and SECOND_KEY in models:
-        members = ("image_classifier", SECOND_KEY)
+    members = tuple(k for k in whole_view_members(metadata) if k in models) or ("image_classifier",)
     alpha = float(pipeline.get("whole_image_subtype_weight") or 0.0)
-    if len(members) == 1 and alpha == 0:
+    if members == ("image_classifier",) and alpha == 0:
         return WholeViewSpec(members, str(first.get("sha256", "")), float(first.get("temperature", 1.0)))
     parts = [models[k]["sha256"] for k in members]
     temperature = 1.0  # the members' own temperatures are applied inside the ensemble

@@ -19,14 +19,16 @@
 4. **No lesion kept.** The grid once more with photos without a kept lesion scored by the views
    alone (``no_lesion_views``) instead of 0; switched on only with a further gain >= ``min_gain``.
 
-Before all of this, **the whole-image view's score** (networks/whole_view.py): on every labelled validation photo
-(whole, as the whole-image trainer validates), each candidate sub-type share alpha (``subtype_weights``: 0 = the binary head alone, 1 = the 8-way head's
-malignant mass alone) gets the view's macro AUC over the strata and, for alpha > 0, a temperature fitted on those
-photos (NLL); alpha replaces 0 only with a gain >= ``min_gain``. The blend is then chosen for the view that ships.
+Before all of this, **the whole-image view** (networks/whole_view.py), on every labelled validation photo (whole,
+as the whole-image trainer validates): each candidate member set (``--whole-image-ensemble``: every set of the
+installed ``image_classifier*`` models containing ``image_classifier``) x sub-type share alpha (``subtype_weights``:
+0 = the binary head alone, 1 = the 8-way head's malignant mass alone) gets the view's macro AUC over the strata and,
+for alpha > 0, a temperature fitted on those photos (NLL); a candidate replaces the shipped view only with a gain
+>= ``min_gain``. The blend is then chosen for the view that ships.
 
 Writes ``pipeline.whole_image_weight``, ``pipeline.full_frame_weight``,
-``pipeline.closeup_min_box_fraction``, ``pipeline.closeup_ramp_from``, ``pipeline.whole_image_subtype_weight``,
-``pipeline.whole_image_temperature`` and the tables under ``pipeline.hybrid_choice`` in ``models/metadata.json``. Run ``train tiers`` afterwards: the tiers
+``pipeline.closeup_min_box_fraction``, ``pipeline.closeup_ramp_from``, ``pipeline.whole_image_members``,
+``pipeline.whole_image_subtype_weight``, ``pipeline.whole_image_temperature`` and the tables under ``pipeline.hybrid_choice`` in ``models/metadata.json``. Run ``train tiers`` afterwards: the tiers
 are thresholds on the scores this rule produces.
 """
 from __future__ import annotations
@@ -173,39 +175,54 @@ class MemberLogits:
     subtype: np.ndarray
 
 
-def whole_score_table(members: list[MemberLogits], strata: list[str], y: np.ndarray,
-                      subtype_weights: tuple[float, ...]) -> pd.DataFrame:
-    """Per candidate alpha: the view's temperature (fitted by NLL for alpha > 0; 1 = the members' own) and its macro
-    / per-stratum ROC AUC on the validation photos."""
+def whole_score_table(members: list[MemberLogits], strata: list[str], y: np.ndarray, subtype_weights: tuple[float, ...],
+                      member_sets: list[tuple[str, ...]] | None = None) -> pd.DataFrame:
+    """Per candidate (member set, alpha): the view's temperature (fitted by NLL for alpha > 0; 1 = the members' own)
+    and its macro / per-stratum ROC AUC on the validation photos. ``member_sets`` default: all ``members`` together."""
     from lesiontriage.evaluate.calibration import fit_temperature
 
+    by_key = {m.key: m for m in members}
     rows = []
-    for alpha in subtype_weights:
-        z = np.mean([(1.0 - alpha) * m.binary + alpha * m.subtype for m in members], axis=0)
-        temperature = fit_temperature(z, y) if alpha > 0 else 1.0
-        aucs = stratum_aucs(pd.DataFrame({"stratum": strata, "y": y, "score": z}))
-        rows.append({"subtype_weight": float(alpha), "temperature": float(temperature), **aucs,
-                     "macro": float(np.mean(list(aucs.values())))})
+    for keys in member_sets or [tuple(by_key)]:
+        for alpha in subtype_weights:
+            z = np.mean([(1.0 - alpha) * by_key[k].binary + alpha * by_key[k].subtype for k in keys], axis=0)
+            temperature = fit_temperature(z, y) if alpha > 0 else 1.0
+            aucs = stratum_aucs(pd.DataFrame({"stratum": strata, "y": y, "score": z}))
+            rows.append({"members": "+".join(keys), "subtype_weight": float(alpha), "temperature": float(temperature),
+                         **aucs, "macro": float(np.mean(list(aucs.values())))})
     return pd.DataFrame(rows)
 
 
-def choose_subtype_weight(table: pd.DataFrame, min_gain: float) -> tuple[float, float]:
-    """(alpha, temperature) of the best row by macro AUC, or the binary head's (0, 1) unless it gains >= ``min_gain``."""
-    best = table.loc[table["macro"].idxmax()]
-    base = table[table["subtype_weight"] == 0.0]
+def choose_whole_view(table: pd.DataFrame, min_gain: float, baseline: tuple[tuple[str, ...], float]
+                      ) -> tuple[tuple[str, ...], float, float]:
+    """(members, alpha, temperature) of the best row by macro AUC, or the ``baseline`` (members, alpha) row unless
+    the best gains >= ``min_gain`` over it."""
+    keys, alpha = baseline
+    base = table[(table["members"] == "+".join(keys)) & (table["subtype_weight"] == float(alpha))]
     if base.empty:
-        raise ValueError("the candidates must include subtype_weight 0 (the binary head): the baseline")
-    if float(best["macro"]) - float(base["macro"].iloc[0]) < min_gain:
-        return 0.0, 1.0
-    return float(best["subtype_weight"]), float(best["temperature"])
+        raise ValueError(f"the candidates must include the baseline {baseline}")
+    best = table.loc[table["macro"].idxmax()]
+    row = best if float(best["macro"]) - float(base["macro"].iloc[0]) >= min_gain else base.iloc[0]
+    return tuple(str(row["members"]).split("+")), float(row["subtype_weight"]), float(row["temperature"])
 
 
-def _member_logits(models_dir: Path, meta: dict[str, Any], rows: pd.DataFrame, data_root: Path | None,
-                   cache: Path) -> list[MemberLogits]:
-    """Each whole-image member's binary and sub-type-mass logits on the whole validation split, each photo whole as
-    the whole-image trainer validates it (cached per member set)."""
-    if cache.exists():
-        return pickle.loads(cache.read_bytes())
+def whole_member_sets(available: list[str], ensemble: bool | None, current: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """Candidate member sets: every set of the ``available`` whole-image models that contains ``image_classifier``
+    (``ensemble`` True), that model alone (False), or the ``current`` set (None: keep the view's members)."""
+    from itertools import combinations
+
+    if ensemble is None:
+        return [current]
+    if not ensemble:
+        return [("image_classifier",)]
+    others = [k for k in available if k != "image_classifier"]
+    return [("image_classifier", *c) for n in range(len(others) + 1) for c in combinations(others, n)]
+
+
+def _member_logits(models_dir: Path, meta: dict[str, Any], keys: list[str], rows: pd.DataFrame,
+                   data_root: Path | None) -> list[MemberLogits]:
+    """Each whole-image model's binary and sub-type-mass logits on the whole validation split, each photo whole as
+    the whole-image trainer validates it (cached per model)."""
     import torch
 
     from lesiontriage.data.torch_datasets import LesionImageDataset
@@ -213,8 +230,12 @@ def _member_logits(models_dir: Path, meta: dict[str, Any], rows: pd.DataFrame, d
     from lesiontriage.train.classifier import predict_logits
 
     out = []
-    for key in whole_view_spec(meta).members:
+    for key in keys:
         entry = meta["models"][key]
+        cache = RUNS_DIR / "hybrid" / f"member_{entry['sha256'][:12]}_{len(rows)}.pkl"
+        if cache.exists():
+            out.append(pickle.loads(cache.read_bytes()))
+            continue
         model = TriagePipeline._load_classifier(models_dir, entry)
         cfg = model.config
         ds = LesionImageDataset(rows, train=False, input_size=cfg.input_size, mean=cfg.mean, std=cfg.std, mode="whole",
@@ -222,34 +243,44 @@ def _member_logits(models_dir: Path, meta: dict[str, Any], rows: pd.DataFrame, d
         logits, sub = predict_logits(model, ds, flip_tta=False, bf16=False)  # the view runs without flip TTA
         out.append(MemberLogits(key, logits / float(entry.get("temperature", 1.0)),
                                 subtype_malignant_logit(torch.from_numpy(sub), tuple(cfg.subtypes)).numpy()))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_bytes(pickle.dumps(out))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_bytes(pickle.dumps(out[-1]))
     return out
 
 
-def choose_whole_score(models_dir: Path, manifest: pd.DataFrame, data_root: Path | None,
-                       study: HybridStudy) -> dict[str, Any]:
-    """Step 0: choose the whole-image view's sub-type share on the whole validation split (every labelled val photo,
-    not the blend study's per-stratum sample: on that 585-photo sample the sub-type head gained 0.007 macro AUC, on
-    all 1,710 only 0.002) and write it, with its temperature, to metadata.json; returns the decision record."""
+def choose_whole_score(models_dir: Path, manifest: pd.DataFrame, data_root: Path | None, study: HybridStudy,
+                       ensemble: bool | None = None) -> dict[str, Any]:
+    """Step 0: choose the whole-image view (which members, binary head or sub-type mass) on the whole validation
+    split and write it, with its temperature, to metadata.json; returns the decision record. Every labelled val
+    photo, not the blend study's per-stratum sample: on that 585-photo sample the sub-type head gained 0.007 macro
+    AUC, on all 1,710 only 0.002, and the test splits fell when it shipped on the sample's word."""
     from lesiontriage.train.classifier import ClassifierTrainConfig, select_rows
 
     meta = read_metadata(models_dir)
+    pipeline = meta.setdefault("pipeline", {})
     rows = select_rows(manifest, "val", ClassifierTrainConfig().sources)
-    keys = whole_view_spec(meta).members
-    tag = "_".join(meta["models"][k]["sha256"][:12] for k in keys)
-    members = _member_logits(models_dir, meta, rows, data_root, RUNS_DIR / "hybrid" / f"members_{tag}_{len(rows)}.pkl")
+    current = whole_view_spec(meta)
+    available = sorted(k for k in meta["models"] if k.startswith("image_classifier"))
+    sets = whole_member_sets(available, ensemble, current.members)
+    keys = sorted({k for ks in sets for k in ks})
+    members = _member_logits(models_dir, meta, keys, rows, data_root)
     strata = (rows["source"] + "/" + rows["modality"]).astype(str).tolist()
-    table = whole_score_table(members, strata, rows["malignant"].astype(int).to_numpy(), study.subtype_weights)
-    alpha, temperature = choose_subtype_weight(table, study.min_gain)
-    meta.setdefault("pipeline", {})["whole_image_subtype_weight"] = alpha
-    meta["pipeline"]["whole_image_temperature"] = temperature
+    table = whole_score_table(members, strata, rows["malignant"].astype(int).to_numpy(), study.subtype_weights, sets)
+    baseline = (current.members, current.subtype_weight) if current.members in sets else (sets[0], 0.0)
+    if baseline[1] not in study.subtype_weights:
+        baseline = (baseline[0], 0.0)
+    chosen, alpha, temperature = choose_whole_view(table, study.min_gain, baseline)
+    pipeline["whole_image_members"] = list(chosen)
+    pipeline["whole_image_ensemble"] = len(chosen) > 1  # what metadata said before members were listed
+    pipeline["whole_image_subtype_weight"] = alpha
+    pipeline["whole_image_temperature"] = temperature
     write_metadata(models_dir, meta)
-    return {"subtype_weight": alpha, "temperature": temperature, "members": list(keys),
+    return {"members": list(chosen), "subtype_weight": alpha, "temperature": temperature,
+            "baseline": {"members": list(baseline[0]), "subtype_weight": baseline[1]},
             "chosen_on": f"validation split: all {len(rows)} labelled photos, whole",
             "criterion": (f"whole-image view alone: macro ROC AUC over source x modality strata of the mean member "
-                          f"logit (1 - alpha) * binary / T + alpha * sub-type malignant mass; alpha replaces 0 only "
-                          f"with a gain >= {study.min_gain}; temperature fitted on the same photos (NLL)"),
+                          f"logit (1 - alpha) * binary / T + alpha * sub-type malignant mass; a candidate replaces the "
+                          f"shipped view only with a gain >= {study.min_gain}; temperature fitted on the same photos (NLL)"),
             "table": table.round(4).to_dict(orient="records")}
 
 
@@ -342,25 +373,22 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
                   study: HybridStudy | None = None, command: str = "",
                   whole_image_ensemble: bool | None = None) -> dict[str, Any]:
     """Run the study and store the chosen blend in metadata.json; returns the decision record.
-    ``whole_image_ensemble``: set ``pipeline.whole_image_ensemble`` first (None keeps metadata's setting), so the
-    blend is chosen for the whole-image view that will ship."""
+    ``whole_image_ensemble``: True lets step 0 choose among every set of the installed whole-image models that
+    contains ``image_classifier``, False makes the view that model alone, None keeps the view's members; the blend is
+    then chosen for the whole-image view that will ship."""
     from lesiontriage.pipeline import TriagePipeline
 
     study = study or HybridStudy()
-    if whole_image_ensemble is not None:
-        meta = read_metadata(models_dir)
-        if whole_image_ensemble and "image_classifier_2" not in meta.get("models", {}):
-            # refuse before writing: a failed study must not leave metadata.json naming a model that is not there
-            raise ModelError(f"--whole-image-ensemble needs image_classifier_2, which {models_dir / 'metadata.json'} "
-                             "does not list (train it with `--config image_classifier_lite2_b`)")
-        meta.setdefault("pipeline", {})["whole_image_ensemble"] = bool(whole_image_ensemble)
-        write_metadata(models_dir, meta)
+    if whole_image_ensemble and "image_classifier_2" not in read_metadata(models_dir).get("models", {}):
+        # refuse before writing: a failed study must not leave metadata.json naming a model that is not there
+        raise ModelError(f"--whole-image-ensemble needs image_classifier_2, which {models_dir / 'metadata.json'} "
+                         "does not list (train it with `--config image_classifier_lite2_b`)")
     pipe = TriagePipeline.from_dir(models_dir)
     if pipe.image_classifier is None:
         raise ModelError(f"the close-up blend needs a whole-image classifier: {models_dir / 'metadata.json'} lists none "
                          "(run `lesiontriage train image-classifier` first)")
     manifest = load_manifest(manifest_path)
-    whole_score = choose_whole_score(models_dir, manifest, data_root, study)
+    whole_score = choose_whole_score(models_dir, manifest, data_root, study, whole_image_ensemble)
     pipe = TriagePipeline.from_dir(models_dir)  # the whole-image view as chosen
     meta = read_metadata(models_dir)
     rows = validation_images(manifest, BoxRuleStudy().targets)
