@@ -247,3 +247,16 @@ def test_listed_members_make_the_view_and_a_missing_one_is_a_clear_error(tmp_pat
     write_metadata(models_dir, meta)
     with pytest.raises(ModelError, match="image_classifier_3"):
         TriagePipeline.from_dir(models_dir, fast=False)
+
+
+def test_hybrid_study_without_a_whole_image_classifier_is_a_clear_error_before_any_work(tmp_path):
+    from lesiontriage.train.hybrid import choose_hybrid
+
+    models_dir = _models_dir(tmp_path, ensemble=False, with_second=False)
+    meta = read_metadata(models_dir)
+    del meta["models"]["image_classifier"]
+    write_metadata(models_dir, meta)
+    before = (models_dir / "metadata.json").read_text()
+    with pytest.raises(ModelError, match="whole-image classifier"):
+        choose_hybrid(models_dir)
+    assert (models_dir / "metadata.json").read_text() == before

@@ -28,8 +28,9 @@ for alpha > 0, a temperature fitted on those photos (NLL); a candidate replaces 
 
 Writes ``pipeline.whole_image_weight``, ``pipeline.full_frame_weight``,
 ``pipeline.closeup_min_box_fraction``, ``pipeline.closeup_ramp_from``, ``pipeline.whole_image_members``,
-``pipeline.whole_image_subtype_weight``, ``pipeline.whole_image_temperature`` and the tables under ``pipeline.hybrid_choice`` in ``models/metadata.json``. Run ``train tiers`` afterwards: the tiers
-are thresholds on the scores this rule produces.
+``pipeline.whole_image_subtype_weight``, ``pipeline.whole_image_temperature`` and the tables under
+``pipeline.hybrid_choice`` in ``models/metadata.json``. Run ``train tiers`` afterwards: the tiers are thresholds on
+the scores this rule produces.
 """
 from __future__ import annotations
 
@@ -383,8 +384,7 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
         # refuse before writing: a failed study must not leave metadata.json naming a model that is not there
         raise ModelError(f"--whole-image-ensemble needs image_classifier_2, which {models_dir / 'metadata.json'} "
                          "does not list (train it with `--config image_classifier_lite2_b`)")
-    pipe = TriagePipeline.from_dir(models_dir)
-    if pipe.image_classifier is None:
+    if whole_view_spec(read_metadata(models_dir)) is None:  # checked on metadata: the pipeline loads once, below
         raise ModelError(f"the close-up blend needs a whole-image classifier: {models_dir / 'metadata.json'} lists none "
                          "(run `lesiontriage train image-classifier` first)")
     manifest = load_manifest(manifest_path)
