@@ -16,6 +16,11 @@ vs 0.890 (sub-type mass) on all 1,710 validation photos, so the binary head stay
 585-photo sample the gap looked like 0.007, and the test splits then fell (ISIC 0.914 -> 0.910, derm7pt clinical
 0.806 -> 0.788): the reason the choice uses the whole validation split.
 
+**Run once, at the trained size.** Flip / transpose test-time augmentation and larger inputs (256, 288 px) were
+measured on the same 1,710 photos (``scripts/whole_view_tta_study.py``, 2026-12-07): the pair's macro AUC moved
+between 0.8815 and 0.8921 against 0.8874 for one pass at 224 px, none clearing the 0.005 bar (the best, 256 px with
+h/v flips, +0.0047, is one of ~15 candidates, within the swing of the 33-photo SD-198 and 99-photo PAD strata).
+
 Everything that caches or calibrates whole-image outputs (evaluation, the hybrid study) keys them on
 :func:`whole_view_spec`, so a single model, the ensemble and each score definition never share a cache entry.
 """
