@@ -12,9 +12,11 @@ head's malignant mass as a logit, ``log P(MEL, BCC, AKIEC) - log P(the rest)``. 
 the same photos with finer labels, so it is a second malignancy estimate for free; ``train hybrid`` chooses alpha
 from {0, 0.5, 1} on every labelled validation photo (0.005 bar) and fits the view's temperature
 (``pipeline.whole_image_temperature``) for it. Measured 2026-12-07 with the shipped pair: view macro AUC 0.887 (binary)
-vs 0.890 (sub-type mass) on all 1,710 validation photos, so the binary head stays (alpha 0). On the blend study's
+vs 0.890 (sub-type mass) on all 1,710 validation photos, so the binary head stayed (alpha 0). On the blend study's
 585-photo sample the gap looked like 0.007, and the test splits then fell (ISIC 0.914 -> 0.910, derm7pt clinical
-0.806 -> 0.788): the reason the choice uses the whole validation split.
+0.806 -> 0.788): the reason the choice uses the whole validation split. With a third member
+(``image_classifier_3``, configs/image_classifier_lite2_c.toml) the same step on the same 1,710 photos chose the three
+members' sub-type mass: 0.8937 against the pair's binary 0.8874 (+0.0063; the three binary heads alone: 0.8848).
 
 **Run once, at the trained size.** Flip / transpose test-time augmentation and larger inputs (256, 288 px) were
 measured on the same 1,710 photos (``scripts/whole_view_tta_study.py``, 2026-12-07): the pair's macro AUC moved
