@@ -17,7 +17,7 @@ Report files (``models/reports/``, written by ``lesiontriage evaluate``)
 =========================================================================
 
 Every JSON file starts with a ``provenance`` object: ``command``, ``manifest_hash``,
-``model_sha256`` ({classifier, detector, image_classifier[, image_classifier_2, detector_c2]: sha256}), ``model_status``
+``model_sha256`` ({classifier, detector, image_classifier[, the other whole-image view members, detector_c2]: sha256}), ``model_status``
 ({key: "ok" | "not available: ..."}), ``seed``, ``created`` (UTC ISO time), ``package_version``,
 ``limit_per_split`` (null = full run), ``sampling`` (every cap: ``ham_detection_max``, ``scenes_max``,
 ``c2_max_per_split``, ``n_available`` / ``n_evaluated`` / ``n_c2`` per split, ``method``), ``n_boot``,

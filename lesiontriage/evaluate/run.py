@@ -52,7 +52,7 @@ from lesiontriage import paths
 from lesiontriage.box_selection import MAX_LESIONS
 from lesiontriage.evaluate import tables as T
 from lesiontriage.hybrid import HybridRule
-from lesiontriage.networks.whole_view import whole_view_spec
+from lesiontriage.networks.whole_view import whole_view_members, whole_view_spec
 from lesiontriage.results import INTENDED_USE, SUBTYPES
 
 log = logging.getLogger(__name__)
@@ -392,8 +392,9 @@ def model_info(models_dir: Path) -> ModelInfo:
             status[key] = "ok"
         else:
             status[key] = f"not available: {key} not trained ({f.name} not in {models_dir})"
-    if "image_classifier_2" in models:  # the whole-image ensemble's second member (networks/whole_view.py)
-        sha["image_classifier_2"] = str(models["image_classifier_2"].get("sha256", ""))
+    for key in whole_view_members(meta):  # every member of the whole-image view (networks/whole_view.py)
+        if key in models:
+            sha[key] = str(models[key].get("sha256", ""))
     if status["classifier"] != "ok":
         for key in ("detector", "image_classifier", "detector_c2"):
             if status[key] == "ok":
