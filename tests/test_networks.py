@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from lesiontriage.networks.backbones import create_lite, create_lite_features, load_imagenet
-from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier
+from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier, shades_of_grey
 from lesiontriage.networks.detector import DetectorConfig, build_detector
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -61,6 +61,38 @@ def test_classifier_heads_shapes_and_config_round_trip():
     mal, sub = model(torch.zeros(2, 3, 96, 96))
     assert mal.shape == (2,) and sub.shape == (2, len(cfg.subtypes))
     assert ClassifierConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def _normalised(rgb01: torch.Tensor) -> torch.Tensor:
+    return (rgb01 - 0.5) / 0.5
+
+
+def test_shades_of_grey_removes_a_colour_cast_and_keeps_a_grey_photo():
+    g = torch.Generator().manual_seed(0)
+    scene = torch.rand(1, 3, 32, 32, generator=g) * 0.6 + 0.2
+    grey = scene.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    out = shades_of_grey(_normalised(grey), mean, std, 6.0)
+    assert torch.allclose(out, _normalised(grey), atol=1e-5)  # a grey photo has a grey illuminant already
+    cast = torch.tensor([1.2, 1.0, 0.8]).view(1, 3, 1, 1)  # warm light, same mean brightness
+    fixed_plain = shades_of_grey(_normalised(scene), mean, std, 6.0)
+    fixed_cast = shades_of_grey(_normalised((scene * cast).clamp(0, 1)), mean, std, 6.0)
+    before = (_normalised((scene * cast).clamp(0, 1)) - _normalised(scene)).abs().mean()
+    after = (fixed_cast - fixed_plain).abs().mean()
+    assert after < 0.05 * before  # the cast is (nearly) undone: only the clipping and the brightness differ
+
+
+def test_colour_constancy_is_part_of_the_network_and_its_config():
+    cfg = ClassifierConfig(input_size=64, color_constancy=6.0)
+    model = LesionClassifier(cfg, pretrained=False).eval()
+    plain = LesionClassifier(ClassifierConfig(input_size=64), pretrained=False).eval()
+    plain.load_state_dict(model.state_dict())  # no parameters of its own: the same weights load either way
+    x = _normalised(torch.rand(2, 3, 64, 64) * torch.tensor([1.0, 0.8, 0.5]).view(1, 3, 1, 1))
+    with torch.inference_mode():
+        assert not torch.allclose(model(x)[0], plain(x)[0])
+        assert torch.allclose(model(x)[0], plain(model.preprocess(x))[0], atol=1e-5)
+    assert ClassifierConfig.from_dict(cfg.to_dict()).color_constancy == 6.0
+    assert ClassifierConfig.from_dict({"variant": "lite0"}).color_constancy == 0.0  # models shipped before it
 
 
 def test_detector_returns_boxes_in_input_pixels():

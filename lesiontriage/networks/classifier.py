@@ -25,6 +25,11 @@ class ClassifierConfig:
     subtypes: tuple[str, ...] = SUBTYPES
     dropout: float = 0.2
     crop_margin: float = 0.25  # context around the box, as a fraction of the box side
+    # Shades-of-grey colour constancy (Finlayson & Trezzi 2004) applied inside the network, power p; 0 = off.
+    # Why: the ISIC 2018/2019 winners normalised each photo's illuminant this way; the photos here come from many
+    # cameras and dermatoscopes. Inside the module (not the data pipeline) so every caller gets it: the shared
+    # whole-image input of an ensemble, Grad-CAM, the trainer.
+    color_constancy: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,6 +41,18 @@ class ClassifierConfig:
             if k in known:
                 known[k] = tuple(known[k])
         return cls(**known)
+
+
+def shades_of_grey(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], power: float) -> torch.Tensor:
+    """Shades-of-grey colour constancy on a normalised batch [N, 3, H, W]: each channel scaled so the photo's
+    Minkowski p-norm illuminant estimate becomes grey (its mean over channels kept), clipped to the valid range,
+    then normalised again. p = 1 is grey-world, p -> inf max-RGB; p = 6 is the usual choice."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    rgb = (x * s + m).clamp(0.0, 1.0)
+    illuminant = rgb.float().pow(power).mean(dim=(2, 3), keepdim=True).pow(1.0 / power).clamp_min(1e-6)
+    gain = (illuminant.mean(dim=1, keepdim=True) / illuminant).to(x.dtype)
+    return ((rgb * gain).clamp(0.0, 1.0) - m) / s
 
 
 class LesionClassifier(nn.Module):
@@ -50,11 +67,17 @@ class LesionClassifier(nn.Module):
         self.malignant_head = nn.Linear(width, 1)
         self.subtype_head = nn.Linear(width, len(config.subtypes))
 
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalised input, illuminant-corrected when ``config.color_constancy`` > 0."""
+        if self.config.color_constancy <= 0:
+            return x
+        return shades_of_grey(x, self.config.mean, self.config.std, self.config.color_constancy)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(x)
+        return self.trunk(self.preprocess(x))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.dropout(self.trunk(x))
+        f = self.dropout(self.features(x))
         return self.malignant_head(f).squeeze(-1), self.subtype_head(f)
 
     @torch.inference_mode()
