@@ -7,10 +7,11 @@ script keeps the numbers reproducible and lets the next whole-image model be che
 
 Every labelled validation photo (the whole-image trainer's validation rows), whole, through each member listed in
 ``pipeline.whole_image_members``: the 8 dihedral views (flips and transposes; a lesion photo has no up or left) at
-the trained input size, and identity + h/v flips at each ``--sizes`` entry. Logits are divided by each member's
-temperature and averaged over views, then over members, as the view does.
+the trained input size, and identity + h/v flips at each ``--sizes`` entry. Each member's logit is the one the view
+uses (binary logit / its temperature, or the sub-type head's malignant mass: ``pipeline.whole_image_subtype_weight``),
+averaged over views, then over members, as the view does (the view's own temperature does not change a ROC AUC).
 
-    python scripts/whole_view_tta_study.py [--sizes 256,288] [--out models/reports/whole_view_tta_study.json]
+    python scripts/whole_view_tta_study.py [--sizes 256,288] [--limit N] [--out models/reports/whole_view_tta_study.json]
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from lesiontriage.data.manifest import load_manifest, manifest_hash
 from lesiontriage.data.torch_datasets import LesionImageDataset
-from lesiontriage.networks.whole_view import whole_view_spec
+from lesiontriage.networks.whole_view import MeanLogitEnsemble, whole_view_spec
 from lesiontriage.paths import MODELS_DIR
 from lesiontriage.pipeline import TriagePipeline
 from lesiontriage.train.box_rule import stratum_aucs
@@ -45,9 +46,10 @@ def dihedral(x: torch.Tensor) -> list[torch.Tensor]:
     return [x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2), t, t.flip(-1), t.flip(-2), t.flip(-1).flip(-2)]
 
 
-def member_view_logits(model: torch.nn.Module, rows: pd.DataFrame, size: int, n_views: int,
+def member_view_logits(model: MeanLogitEnsemble, rows: pd.DataFrame, size: int, n_views: int,
                        data_root: Path | None) -> np.ndarray:
-    """Raw malignant logits [N, n_views] of one member on the whole photos resized to ``size``."""
+    """One member's scoring logits [N, n_views] (``model``: that member alone, wrapped as the view wraps it) on the
+    whole photos resized to ``size``."""
     cfg = model.config
     ds = LesionImageDataset(rows, train=False, input_size=size, mean=cfg.mean, std=cfg.std, mode="whole",
                             margin=cfg.crop_margin, data_root=data_root)
@@ -64,6 +66,7 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=MODELS_DIR)
     parser.add_argument("--data-root", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="JSON with the table and its provenance")
+    parser.add_argument("--limit", type=int, default=None, help="a seeded sample of N photos: a quick check of the script")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     meta = read_metadata(args.models)
@@ -72,18 +75,20 @@ def main() -> None:
         raise SystemExit(f"error: {args.models / 'metadata.json'} lists no whole-image classifier")
     manifest = load_manifest(None)
     rows = select_rows(manifest, "val", ClassifierTrainConfig().sources)
+    if args.limit:
+        rows = rows.sample(min(args.limit, len(rows)), random_state=0).reset_index(drop=True)
     strata = (rows["source"] + "/" + rows["modality"]).astype(str).tolist()
     y = rows["malignant"].astype(int).to_numpy()
     logits: dict[tuple[str, int], np.ndarray] = {}
     trained = {}
     for key in spec.members:
         entry = meta["models"][key]
-        model = TriagePipeline._load_classifier(args.models, entry).eval()
-        trained[key] = int(model.config.input_size)
-        temperature = float(entry.get("temperature", 1.0))
-        logits[key, trained[key]] = member_view_logits(model, rows, trained[key], 8, args.data_root) / temperature
+        classifier = TriagePipeline._load_classifier(args.models, entry).eval()
+        model = MeanLogitEnsemble([classifier], [float(entry.get("temperature", 1.0))], spec.subtype_weight)
+        trained[key] = int(classifier.config.input_size)
+        logits[key, trained[key]] = member_view_logits(model, rows, trained[key], 8, args.data_root)
         for size in (int(s) for s in args.sizes.split(",") if s):
-            logits[key, size] = member_view_logits(model, rows, size, 3, args.data_root) / temperature
+            logits[key, size] = member_view_logits(model, rows, size, 3, args.data_root)
     records = []
     for size in sorted({s for _, s in logits}):
         for name, views in VIEW_SETS.items():
@@ -103,9 +108,9 @@ def main() -> None:
     Console().print(shown)
     if args.out:
         args.out.write_text(json.dumps({
-            "command": "python scripts/whole_view_tta_study.py --sizes " + args.sizes,
+            "command": "python scripts/whole_view_tta_study.py --sizes " + args.sizes + (f" --limit {args.limit}" if args.limit else ""),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "members": list(spec.members), "model_sha256": {k: meta["models"][k]["sha256"] for k in spec.members},
+            "members": list(spec.members), "subtype_weight": spec.subtype_weight, "model_sha256": {k: meta["models"][k]["sha256"] for k in spec.members},
             "manifest_hash": manifest_hash(manifest), "n_photos": len(rows),
             "criterion": "view macro ROC AUC over source x modality strata; the project's bar for a change is +0.005",
             "table": table.round(4).to_dict(orient="records")}, indent=1) + "\n")
