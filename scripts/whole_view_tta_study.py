@@ -1,9 +1,10 @@
 """Validation study: does test-time augmentation or a larger input size help the shipped whole-image view?
 
 Why a script and not a pipeline option: measured 2026-12-07, no candidate cleared the project's 0.005 bar on the
-view's macro ROC AUC over the validation strata (best: the pair at 256 px with identity + h/v flips, +0.0047, one
-of ~15 candidates and within the swing of the two small strata), so the product runs the view once at 224 px. The
-script keeps the numbers reproducible and lets the next whole-image model be checked the same way.
+view's macro ROC AUC over the validation strata (best: the view of that day, the image_classifier + _2 pair with
+binary heads, at 256 px with identity + h/v flips, +0.0047, one of ~15 candidates and within the swing of the two
+small strata), so the product runs the view once at 224 px. The script keeps the study reproducible and checks the
+shipped view of the day (since then three members scored by sub-type mass; not yet re-run on all photos).
 
 Every labelled validation photo (the whole-image trainer's validation rows), whole, through each member listed in
 ``pipeline.whole_image_members``: the 8 dihedral views (flips and transposes; a lesion photo has no up or left) at
