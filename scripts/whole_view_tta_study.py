@@ -7,7 +7,7 @@ small strata), so the product runs the view once at 224 px. Re-run on the view s
 + _3, sub-type mass), all 1,710 photos, `--sizes 256` (~32 min): 224 px identity 0.8937 (= step 0 of `train
 hybrid`), h/v flips 0.8937, 180 + transposes 0.8946, all 8 0.8958; 256 px identity 0.8954, 256 px + h/v flips 0.8991
 (+0.0054, just over the bar, best of 6). Not shipped yet: it runs the view 3 times at 1.3x the pixels (~4x its CPU,
-~+0.25 s per close-up against the 1 s budget), and the blend and tiers would have to be re-chosen for it; the
+~+0.2 s per close-up against the 1 s budget), and the blend and tiers would have to be re-chosen for it; the
 next step is a 256 px identity + h-flip variant measured with `lesiontriage bench`.
 
 Every labelled validation photo (the whole-image trainer's validation rows), whole, through each member listed in
