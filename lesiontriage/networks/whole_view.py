@@ -22,6 +22,9 @@ members' sub-type mass: 0.8937 against the pair's binary 0.8874 (+0.0063; the th
 measured on the same 1,710 photos (``scripts/whole_view_tta_study.py``, 2026-12-07): the pair's macro AUC moved
 between 0.8815 and 0.8921 against 0.8874 for one pass at 224 px, none clearing the 0.005 bar (the best, 256 px with
 h/v flips, +0.0047, is one of ~15 candidates, within the swing of the 33-photo SD-198 and 99-photo PAD strata).
+Re-measured for the three-member sub-type view (same script, ``--sizes 256``): 256 px with h/v flips 0.8991 against
+0.8937 (+0.0054, best of 6, just over the bar), not yet adopted: three passes at 1.3x the pixels cost ~4x the view's
+CPU (~+0.2 s per close-up against the 1 s budget) and the blend and tiers would have to be re-chosen for it.
 
 Everything that caches or calibrates whole-image outputs (evaluation, the hybrid study) keys them on
 :func:`whole_view_spec`, so a single model, the ensemble and each score definition never share a cache entry.
