@@ -201,9 +201,10 @@ class TriagePipeline:
         if not spec.wrapped:
             return members[0], models["image_classifier"]
         ensemble = MeanLogitEnsemble(members, [float(models[k].get("temperature", 1.0)) for k in spec.members],
-                                     spec.subtype_weight)
+                                     spec.subtype_weight, spec.input_size, spec.flip_tta)
         return ensemble.eval(), {**models["image_classifier"], "temperature": spec.temperature, "sha256": spec.sha256,
-                                 "members": list(spec.members), "subtype_weight": spec.subtype_weight}
+                                 "members": list(spec.members), "subtype_weight": spec.subtype_weight,
+                                 "input_size": ensemble.config.input_size, "flip_tta": spec.flip_tta}
 
     @staticmethod
     def _load_classifier(models_dir: Path, entry: dict[str, Any]) -> LesionClassifier:

@@ -194,11 +194,11 @@ def test_whole_view_study_takes_the_subtype_head_only_when_it_ranks_validation_b
     noise = rng.normal(0, 1, 400)
     one = ("m",)
     table = whole_score_table([MemberLogits("m", noise + 0.3 * y, informative)], strata, y, (0.0, 0.5, 1.0))
-    keys, alpha, t = choose_whole_view(table, 0.005, (one, 0.0))
-    assert (keys, alpha) == (one, 1.0) and t == pytest.approx(float(table.loc[2, "temperature"])) and 0.2 < t < 5
+    keys, alpha, t, tta = choose_whole_view(table, 0.005, (one, 0.0))
+    assert (keys, alpha, tta) == (one, 1.0, None) and t == pytest.approx(float(table.loc[2, "temperature"])) and 0.2 < t < 5
     assert table.loc[0, "temperature"] == 1.0  # the binary head keeps the members' own temperatures
     binary_wins = whole_score_table([MemberLogits("m", informative, noise + 0.3 * y)], strata, y, (0.0, 0.5, 1.0))
-    assert choose_whole_view(binary_wins, 0.005, (one, 0.0)) == (one, 0.0, 1.0)
+    assert choose_whole_view(binary_wins, 0.005, (one, 0.0)) == (one, 0.0, 1.0, None)
     tie = whole_score_table([MemberLogits("m", informative, informative + rng.normal(0, 1e-3, 400))], strata, y, (0.0, 1.0))
     assert choose_whole_view(tie, 0.005, (one, 0.0))[:2] == (one, 0.0)  # no gain >= the bar: keep what ships
     with pytest.raises(ValueError):
@@ -223,7 +223,7 @@ def test_whole_view_study_adds_a_member_only_when_the_mean_ranks_validation_bett
          MemberLogits("image_classifier_2", signal + rng.normal(0, 1, 600), rng.normal(0, 1, 600)),
          MemberLogits("image_classifier_3", rng.normal(0, 1, 600), rng.normal(0, 1, 600))]
     table = whole_score_table(m, strata, y, (0.0,), sets)
-    chosen, alpha, _ = choose_whole_view(table, 0.005, (("image_classifier",), 0.0))
+    chosen, alpha, _, _ = choose_whole_view(table, 0.005, (("image_classifier",), 0.0))
     assert chosen == ("image_classifier", "image_classifier_2") and alpha == 0.0
     # the shipped pair stays when nothing beats it by the bar
     assert choose_whole_view(table, 0.005, (("image_classifier", "image_classifier_2"), 0.0))[0] == ("image_classifier", "image_classifier_2")
@@ -260,3 +260,89 @@ def test_hybrid_study_without_a_whole_image_classifier_is_a_clear_error_before_a
     with pytest.raises(ModelError, match="whole-image classifier"):
         choose_hybrid(models_dir)
     assert (models_dir / "metadata.json").read_text() == before
+
+
+def test_whole_view_study_takes_an_augmentation_only_when_it_ranks_validation_better():
+    from lesiontriage.train.hybrid import MemberLogits, choose_whole_view, whole_score_table
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 600)
+    strata = ["a"] * 300 + ["b"] * 300
+    noise = {v: rng.normal(0, 1, 600) for v in range(4)}
+    variants = [(224, False), (224, True), (256, False), (256, True)]
+    # the photo's flips average away part of the noise: 256 px + flips ranks best, by far more than the bar
+    spread = {(224, False): 1.5, (224, True): 1.4, (256, False): 1.45, (256, True): 0.6}
+    members = [MemberLogits("m", y + spread[v] * noise[i], rng.normal(0, 1, 600), v) for i, v in enumerate(variants)]
+    table = whole_score_table(members, strata, y, (0.0,))
+    assert len(table) == 4 and set(zip(table["input_size"], table["flip_tta"])) == set(variants)
+    assert choose_whole_view(table, 0.005, (("m",), 0.0, (224, False)))[3] == (256, True)
+    # the shipped augmentation stays when no candidate beats it by the bar
+    assert choose_whole_view(table, 0.5, (("m",), 0.0, (224, False)))[3] == (224, False)
+    assert choose_whole_view(table, 0.5, (("m",), 0.0, (256, True)))[3] == (256, True)
+    with pytest.raises(ValueError):  # an augmentation that was not measured cannot be the baseline
+        choose_whole_view(table, 0.005, (("m",), 0.0, (288, False)))
+    # a member set is a candidate only under the augmentations all its members were run with
+    partial = whole_score_table(members + [MemberLogits("n", y + noise[0], y + noise[1], (224, False))], strata, y, (0.0,),
+                                [("m", "n")])
+    assert list(zip(partial["input_size"], partial["flip_tta"])) == [(224, False)]
+
+
+def test_flip_tta_view_averages_each_members_logit_over_the_photo_and_its_flips():
+    torch.manual_seed(3)
+    a, b = LesionClassifier(CFG, pretrained=False).eval(), LesionClassifier(CFG, pretrained=False).eval()
+    x = torch.randn(2, 3, 64, 64)
+    plain = MeanLogitEnsemble([a, b], [2.0, 0.5], subtype_weight=0.5)
+    flipped = MeanLogitEnsemble([a, b], [2.0, 0.5], subtype_weight=0.5, input_size=80, flip_tta=True)
+    with torch.inference_mode():
+        views = [plain(v) for v in (x, x.flip(-1), x.flip(-2))]
+        logit, sub = flipped(x)
+        lo, so, fo = flipped.outputs(x)
+    assert torch.allclose(logit, torch.stack([v[0] for v in views]).mean(0), atol=1e-5)
+    assert torch.allclose(sub, torch.stack([v[1] for v in views]).mean(0), atol=1e-5)
+    assert not torch.allclose(logit, views[0][0], atol=1e-4)  # the flips do change a random network's answer
+    assert lo.shape == (2,) and so.shape == (2, len(CFG.subtypes)) and fo.shape[0] == 2
+    assert torch.allclose(lo, logit, atol=1e-3)
+    # the size is the view's: callers resize the photo to config.input_size; the members keep their own config
+    assert flipped.config.input_size == 80 and a.config.input_size == 64 and plain.config.input_size == 64
+    assert flipped.tta == {"subtype_weight": 0.5, "input_size": 80, "flip_tta": True}
+
+
+def test_spec_keys_each_augmentation_apart_and_the_trained_size_counts_as_unset(tmp_path):
+    from lesiontriage.networks.whole_view import whole_view_tta
+
+    meta = read_metadata(_models_dir(tmp_path, ensemble=False))
+    plain = whole_view_spec(meta)
+    meta["pipeline"]["whole_image_input_size"] = CFG.input_size  # the trained size: the same view, the same cache key
+    assert whole_view_tta(meta) == (None, False) and whole_view_spec(meta) == plain and not plain.wrapped
+    meta["pipeline"]["whole_image_input_size"] = 96
+    bigger = whole_view_spec(meta)
+    meta["pipeline"]["whole_image_flip_tta"] = True
+    both = whole_view_spec(meta)
+    assert (bigger.input_size, bigger.flip_tta, both.input_size, both.flip_tta) == (96, False, 96, True)
+    assert bigger.wrapped and len({plain.sha256, bigger.sha256, both.sha256}) == 3
+    assert both.temperature == 1.0  # wrapped: the member's own temperature is applied inside the ensemble
+
+
+def test_pipeline_runs_the_view_at_its_chosen_size_with_flips(tmp_path):
+    from lesiontriage.networks.fast import fast_classifier
+    from lesiontriage.pipeline import TriagePipeline, _to_tensor
+
+    models_dir = _models_dir(tmp_path, ensemble=True)
+    meta = read_metadata(models_dir)
+    meta["pipeline"].update({"whole_image_input_size": 96, "whole_image_flip_tta": True})
+    write_metadata(models_dir, meta)
+    Image.fromarray(np.random.default_rng(4).integers(0, 255, (120, 90, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    pipe = TriagePipeline.from_dir(models_dir)
+    view = pipe.image_classifier
+    assert isinstance(view, MeanLogitEnsemble) and view.config.input_size == 96 and view.flip_tta
+    score = pipe.predict(tmp_path / "photo.png", whole_image=True).image_score
+    batch = pipe._normalise([_to_tensor(pipe.load(tmp_path / "photo.png").rgb)], view.config)
+    assert batch.shape[-1] == 96
+    logits = []
+    with torch.inference_mode():
+        for key in ("image_classifier", "image_classifier_2"):
+            flips = [_member_logit(models_dir, key, v) / TEMPS[key] for v in (batch, batch.flip(-1), batch.flip(-2))]
+            logits.append(np.mean(flips))
+    assert score == pytest.approx(1 / (1 + np.exp(-np.mean(logits))), abs=1e-4)
+    fast, _ = fast_classifier(view)  # evaluation's frozen copy keeps the view's augmentation
+    assert isinstance(fast, MeanLogitEnsemble) and fast.tta == view.tta

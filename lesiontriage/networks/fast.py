@@ -277,17 +277,18 @@ class FastClassifier:
         return logit, sub
 
 
-def fast_classifier(model: nn.Module, tolerance: float = TOLERANCE) -> tuple[Any, dict[str, Any]]:
+def fast_classifier(model: nn.Module, tolerance: float = TOLERANCE, size: int | None = None) -> tuple[Any, dict[str, Any]]:
     """A :class:`FastClassifier` for ``model``, or ``model`` itself when the frozen copy is unavailable
     or its (logit, sub-type, feature) outputs differ from eager by more than ``tolerance`` on a
-    seeded probe batch of another size than the traced one. Returns (classifier, info)."""
+    seeded probe batch of another size than the traced one. ``size``: the photo side it will run at (default:
+    its trained size; the whole-image view may run its members at another). Returns (classifier, info)."""
     if isinstance(model, MeanLogitEnsemble):  # the whole-image ensemble: one frozen copy per member
-        parts = [fast_classifier(m, tolerance) for m in model.members]
+        parts = [fast_classifier(m, tolerance, model.config.input_size) for m in model.members]
         info = {"engine": "members", "members": [i for _, i in parts],
                 "reason": "; ".join(i["reason"] for _, i in parts if i["reason"])}
-        return MeanLogitEnsemble([m for m, _ in parts], model.temperatures, model.subtype_weight), info
+        return MeanLogitEnsemble([m for m, _ in parts], model.temperatures, **model.tta), info
     model = model.eval()
-    size = int(model.config.input_size)
+    size = int(size or model.config.input_size)
     trace_in = _probe((size, size)).contiguous(memory_format=torch.channels_last)
     check_in = _probe((size, size), seed=1, n=3).contiguous(memory_format=torch.channels_last)
     try:

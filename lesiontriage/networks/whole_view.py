@@ -32,7 +32,7 @@ Everything that caches or calibrates whole-image outputs (evaluation, the hybrid
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -64,12 +64,14 @@ class WholeViewSpec:
     sha256: str
     temperature: float
     subtype_weight: float = 0.0  # alpha: the sub-type head's share of each member's malignant logit
+    input_size: int | None = None  # the photo's side when the view runs it (None: the members' trained size)
+    flip_tta: bool = False  # average the view over the photo and its horizontal and vertical flips
 
     @property
     def wrapped(self) -> bool:
-        """Whether the view is a :class:`MeanLogitEnsemble` (two members, or a sub-type share) rather than one
-        plain classifier."""
-        return len(self.members) > 1 or self.subtype_weight > 0
+        """Whether the view is a :class:`MeanLogitEnsemble` (two members, a sub-type share, another input size or
+        flips) rather than one plain classifier."""
+        return len(self.members) > 1 or self.subtype_weight > 0 or self.input_size is not None or self.flip_tta
 
 
 def whole_view_members(metadata: dict[str, Any]) -> tuple[str, ...]:
@@ -95,15 +97,28 @@ def whole_view_spec(metadata: dict[str, Any]) -> WholeViewSpec | None:
         return None
     members = tuple(k for k in whole_view_members(metadata) if k in models) or ("image_classifier",)
     alpha = float(pipeline.get("whole_image_subtype_weight") or 0.0)
-    if members == ("image_classifier",) and alpha == 0:
+    size, flips = whole_view_tta(metadata)
+    if members == ("image_classifier",) and alpha == 0 and size is None and not flips:
         return WholeViewSpec(members, str(first.get("sha256", "")), float(first.get("temperature", 1.0)))
     parts = [models[k]["sha256"] for k in members]
     temperature = 1.0  # the members' own temperatures are applied inside the ensemble
     if alpha > 0:
         temperature = float(pipeline.get("whole_image_temperature") or 1.0)
         parts.append(f"subtype={alpha:g}|T={temperature:.6g}")  # p depends on both: never share a cache entry
+    if size is not None or flips:  # only when set: views shipped before the option keep their cache entries
+        parts.append(f"size={size}|flips={int(flips)}")
     combined = hashlib.sha256("+".join(parts).encode()).hexdigest()
-    return WholeViewSpec(members, combined, temperature, alpha)
+    return WholeViewSpec(members, combined, temperature, alpha, size, flips)
+
+
+def whole_view_tta(metadata: dict[str, Any]) -> tuple[int | None, bool]:
+    """(input size, flip TTA) of the view from ``pipeline.whole_image_input_size`` / ``whole_image_flip_tta``
+    (chosen by ``train hybrid``); a size equal to the first member's trained size counts as unset."""
+    pipeline = metadata.get("pipeline") or {}
+    size = pipeline.get("whole_image_input_size")
+    trained = ((metadata.get("models") or {}).get("image_classifier") or {}).get("config", {}).get("input_size")
+    size = int(size) if size and int(size) != (int(trained) if trained else None) else None
+    return size, bool(pipeline.get("whole_image_flip_tta"))
 
 
 class MeanLogitEnsemble:
@@ -112,18 +127,40 @@ class MeanLogitEnsemble:
     ``subtype_weight`` alpha > 0 each member's logit is ``(1 - alpha) * binary / T + alpha * sub-type malignant
     logit`` (the view's temperature, fitted for that mix, is applied by the caller).
 
+    **Test-time augmentation** belongs to the view, so every caller (pipeline, evaluation, the blend study) runs
+    the same thing: ``input_size`` replaces the members' trained size in ``config`` (callers resize the photo to
+    ``config.input_size``), and ``flip_tta`` averages each member's logit and sub-type probabilities over the batch
+    and its horizontal and vertical flips (one forward of 3N photos per member; features from the unflipped photo).
+
     Called like a ``LesionClassifier`` (``model(x)``, ``model.outputs(x)``, ``model.config``). Not an ``nn.Module``:
     its members may be eager classifiers or their frozen CPU copies (networks/fast.py builds one per member)."""
 
-    def __init__(self, members: list[Any], temperatures: list[float], subtype_weight: float = 0.0) -> None:
+    def __init__(self, members: list[Any], temperatures: list[float], subtype_weight: float = 0.0,
+                 input_size: int | None = None, flip_tta: bool = False) -> None:
         if len(members) != len(temperatures) or not members:
             raise ValueError("one temperature per member, at least one member")
         if not 0.0 <= subtype_weight <= 1.0:
             raise ValueError(f"subtype_weight must lie in [0, 1], got {subtype_weight}")
+        if input_size is not None and input_size < 32:
+            raise ValueError(f"input_size must be at least 32 px, got {input_size}")
         self.members = list(members)
         self.temperatures = [float(t) for t in temperatures]
         self.subtype_weight = float(subtype_weight)
-        self.config = members[0].config
+        self.input_size = input_size
+        self.flip_tta = bool(flip_tta)
+        first = members[0].config
+        self.config = replace(first, input_size=int(input_size)) if input_size else first
+
+    @property
+    def tta(self) -> dict[str, Any]:
+        """The keyword arguments that rebuild this view's augmentation around other members (networks/fast.py)."""
+        return {"subtype_weight": self.subtype_weight, "input_size": self.input_size, "flip_tta": self.flip_tta}
+
+    def _views(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x.flip(-1), x.flip(-2)]) if self.flip_tta else x
+
+    def _mean_views(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        return t.reshape(3, n, *t.shape[1:]).mean(0) if self.flip_tta else t
 
     def _member_logit(self, member: Any, binary_logit: torch.Tensor, subtype_scores: torch.Tensor,
                       temperature: float) -> torch.Tensor:
@@ -140,13 +177,15 @@ class MeanLogitEnsemble:
         return self
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        outs = [m(x) for m in self.members]
+        n, views = len(x), self._views(x)
+        outs = [m(views) for m in self.members]
         logit = torch.stack([self._member_logit(m, o[0], o[1], t)
                              for m, o, t in zip(self.members, outs, self.temperatures)]).mean(0)
-        return logit, torch.stack([o[1].float() for o in outs]).mean(0)
+        return self._mean_views(logit, n), self._mean_views(torch.stack([o[1].float() for o in outs]).mean(0), n)
 
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        outs = [m.outputs(x) for m in self.members]  # sub-type *probabilities* here: their log works as logits
+        n, views = len(x), self._views(x)
+        outs = [m.outputs(views) for m in self.members]  # sub-type *probabilities* here: their log works as logits
         logit = torch.stack([self._member_logit(m, o[0], torch.log(o[1].float().clamp_min(1e-30)), t)
                              for m, o, t in zip(self.members, outs, self.temperatures)]).mean(0)
-        return logit, torch.stack([o[1].float() for o in outs]).mean(0), outs[0][2]
+        return self._mean_views(logit, n), self._mean_views(torch.stack([o[1].float() for o in outs]).mean(0), n), outs[0][2][:n]

@@ -74,6 +74,9 @@ class HybridStudy:
     scene_tolerance: float = 0.01  # the most a ramp may cost the validation scenes' image AUC
     # The whole-image view's sub-type share alpha (networks/whole_view.py): 0 = binary head, 1 = sub-type mass.
     subtype_weights: tuple[float, ...] = (0.0, 0.5, 1.0)
+    # Extra input sides for the whole-image view (besides the trained one), each without and with h/v flips:
+    # scripts/whole_view_tta_study.py measured 256 px + flips at +0.0054 for the three-member view; 288 px did not help.
+    whole_view_sizes: tuple[int, ...] = (256,)
 
 
 @dataclass
@@ -168,43 +171,60 @@ def choose_weight(table: pd.DataFrame, min_gain: float) -> float:
 
 @dataclass
 class MemberLogits:
-    """One whole-image member's raw outputs on the validation photos: binary logit / its temperature [N] and the
-    sub-type head's malignant-mass logit [N] (networks/whole_view.py)."""
+    """One whole-image member's raw outputs on the validation photos under one test-time augmentation: binary logit /
+    its temperature [N] and the sub-type head's malignant-mass logit [N] (networks/whole_view.py), each averaged over
+    the views. ``tta``: (input side in px, flips); None = the member's trained size, no flips."""
 
     key: str
     binary: np.ndarray
     subtype: np.ndarray
+    tta: tuple[int, bool] | None = None
 
 
 def whole_score_table(members: list[MemberLogits], strata: list[str], y: np.ndarray, subtype_weights: tuple[float, ...],
                       member_sets: list[tuple[str, ...]] | None = None) -> pd.DataFrame:
-    """Per candidate (member set, alpha): the view's temperature (fitted by NLL for alpha > 0; 1 = the members' own)
-    and its macro / per-stratum ROC AUC on the validation photos. ``member_sets`` default: all ``members`` together."""
+    """Per candidate (augmentation, member set, alpha): the view's temperature (fitted by NLL for alpha > 0; 1 = the
+    members' own) and its macro / per-stratum ROC AUC on the validation photos. ``member_sets`` default: all
+    ``members`` together. An augmentation is a candidate when every member of the set was run under it."""
     from lesiontriage.evaluate.calibration import fit_temperature
 
-    by_key = {m.key: m for m in members}
+    by_key = {(m.key, m.tta): m for m in members}
+    variants = list(dict.fromkeys(m.tta for m in members))
     rows = []
-    for keys in member_sets or [tuple(by_key)]:
-        for alpha in subtype_weights:
-            z = np.mean([(1.0 - alpha) * by_key[k].binary + alpha * by_key[k].subtype for k in keys], axis=0)
-            temperature = fit_temperature(z, y) if alpha > 0 else 1.0
-            aucs = stratum_aucs(pd.DataFrame({"stratum": strata, "y": y, "score": z}))
-            rows.append({"members": "+".join(keys), "subtype_weight": float(alpha), "temperature": float(temperature),
-                         **aucs, "macro": float(np.mean(list(aucs.values())))})
+    for tta in variants:
+        for keys in member_sets or [tuple(dict.fromkeys(m.key for m in members))]:
+            if any((k, tta) not in by_key for k in keys):
+                continue
+            for alpha in subtype_weights:
+                z = np.mean([(1.0 - alpha) * by_key[k, tta].binary + alpha * by_key[k, tta].subtype for k in keys], axis=0)
+                temperature = fit_temperature(z, y) if alpha > 0 else 1.0
+                aucs = stratum_aucs(pd.DataFrame({"stratum": strata, "y": y, "score": z}))
+                rows.append({"members": "+".join(keys), "subtype_weight": float(alpha),
+                             "input_size": None if tta is None else int(tta[0]),
+                             "flip_tta": None if tta is None else bool(tta[1]), "temperature": float(temperature),
+                             **aucs, "macro": float(np.mean(list(aucs.values())))})
     return pd.DataFrame(rows)
 
 
-def choose_whole_view(table: pd.DataFrame, min_gain: float, baseline: tuple[tuple[str, ...], float]
-                      ) -> tuple[tuple[str, ...], float, float]:
-    """(members, alpha, temperature) of the best row by macro AUC, or the ``baseline`` (members, alpha) row unless
-    the best gains >= ``min_gain`` over it."""
-    keys, alpha = baseline
+def _tta_of(row: pd.Series) -> tuple[int, bool] | None:
+    size = row.get("input_size")
+    return None if size is None or pd.isna(size) else (int(size), bool(row["flip_tta"]))
+
+
+def choose_whole_view(table: pd.DataFrame, min_gain: float, baseline: tuple
+                      ) -> tuple[tuple[str, ...], float, float, tuple[int, bool] | None]:
+    """(members, alpha, temperature, augmentation) of the best row by macro AUC, or the ``baseline`` row
+    ((members, alpha) or (members, alpha, augmentation)) unless the best gains >= ``min_gain`` over it."""
+    keys, alpha = baseline[0], baseline[1]
+    tta = baseline[2] if len(baseline) > 2 else None
     base = table[(table["members"] == "+".join(keys)) & (table["subtype_weight"] == float(alpha))]
+    if tta is not None and "input_size" in table:
+        base = base[(base["input_size"] == tta[0]) & (base["flip_tta"] == tta[1])]
     if base.empty:
         raise ValueError(f"the candidates must include the baseline {baseline}")
     best = table.loc[table["macro"].idxmax()]
     row = best if float(best["macro"]) - float(base["macro"].iloc[0]) >= min_gain else base.iloc[0]
-    return tuple(str(row["members"]).split("+")), float(row["subtype_weight"]), float(row["temperature"])
+    return tuple(str(row["members"]).split("+")), float(row["subtype_weight"]), float(row["temperature"]), _tta_of(row)
 
 
 def whole_member_sets(available: list[str], ensemble: bool | None, current: tuple[str, ...]) -> list[tuple[str, ...]]:
@@ -221,40 +241,54 @@ def whole_member_sets(available: list[str], ensemble: bool | None, current: tupl
 
 
 def _member_logits(models_dir: Path, meta: dict[str, Any], keys: list[str], rows: pd.DataFrame,
-                   data_root: Path | None) -> list[MemberLogits]:
+                   data_root: Path | None, sizes: tuple[int | None, ...] = (None,)) -> list[MemberLogits]:
     """Each whole-image model's binary and sub-type-mass logits on the whole validation split, each photo whole as
-    the whole-image trainer validates it (cached per model)."""
+    the whole-image trainer validates it, at each input size (None: the trained one) without and with h/v flips
+    (one :class:`MemberLogits` per model x size x flips; the photo and its two flips cached per model and size)."""
     import torch
+    from torch.utils.data import DataLoader
 
     from lesiontriage.data.torch_datasets import LesionImageDataset
     from lesiontriage.pipeline import TriagePipeline
-    from lesiontriage.train.classifier import predict_logits
 
     out = []
     for key in keys:
         entry = meta["models"][key]
-        cache = RUNS_DIR / "hybrid" / f"member_{entry['sha256'][:12]}_{len(rows)}.pkl"
-        if cache.exists():
-            out.append(pickle.loads(cache.read_bytes()))
-            continue
-        model = TriagePipeline._load_classifier(models_dir, entry)
-        cfg = model.config
-        ds = LesionImageDataset(rows, train=False, input_size=cfg.input_size, mean=cfg.mean, std=cfg.std, mode="whole",
-                                margin=cfg.crop_margin, data_root=data_root)
-        logits, sub = predict_logits(model, ds, flip_tta=False, bf16=False)  # the view runs without flip TTA
-        out.append(MemberLogits(key, logits / float(entry.get("temperature", 1.0)),
-                                subtype_malignant_logit(torch.from_numpy(sub), tuple(cfg.subtypes)).numpy()))
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_bytes(pickle.dumps(out[-1]))
+        model = None
+        for size in sizes:
+            side = int(size or entry["config"]["input_size"])
+            cache = RUNS_DIR / "hybrid" / f"member_{entry['sha256'][:12]}_{side}px_flips_{len(rows)}.pkl"
+            if cache.exists():
+                binary, subtype = pickle.loads(cache.read_bytes())
+            else:
+                model = model or TriagePipeline._load_classifier(models_dir, entry)
+                cfg = model.config
+                ds = LesionImageDataset(rows, train=False, input_size=side, mean=cfg.mean, std=cfg.std, mode="whole",
+                                        margin=cfg.crop_margin, data_root=data_root)
+                binary, subtype = [], []
+                with torch.inference_mode():
+                    for x, _, _ in tqdm(DataLoader(ds, batch_size=16, num_workers=1), desc=f"{key} @ {side} px + flips",
+                                        leave=False):
+                        n = len(x)
+                        views = torch.cat([x, x.flip(-1), x.flip(-2)]).contiguous(memory_format=torch.channels_last)
+                        logit, sub = model(views)
+                        binary.append(logit.float().reshape(3, n).T.numpy())
+                        subtype.append(subtype_malignant_logit(sub, tuple(cfg.subtypes)).reshape(3, n).T.numpy())
+                binary, subtype = np.concatenate(binary) / float(entry.get("temperature", 1.0)), np.concatenate(subtype)
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                cache.write_bytes(pickle.dumps((binary, subtype)))
+            for flips in (False, True):
+                views = slice(None) if flips else slice(0, 1)
+                out.append(MemberLogits(key, binary[:, views].mean(1), subtype[:, views].mean(1), (side, flips)))
     return out
 
 
 def choose_whole_score(models_dir: Path, manifest: pd.DataFrame, data_root: Path | None, study: HybridStudy,
                        ensemble: bool | None = None) -> dict[str, Any]:
-    """Step 0: choose the whole-image view (which members, binary head or sub-type mass) on the whole validation
-    split and write it, with its temperature, to metadata.json; returns the decision record. Every labelled val
-    photo, not the blend study's per-stratum sample: on that 585-photo sample the sub-type head gained 0.007 macro
-    AUC, on all 1,710 only 0.002, and the test splits fell when it shipped on the sample's word."""
+    """Step 0: choose the whole-image view (which members, binary head or sub-type mass, input size and flips) on
+    the whole validation split and write it, with its temperature, to metadata.json; returns the decision record.
+    Every labelled val photo, not the blend study's per-stratum sample: on that 585-photo sample the sub-type head
+    gained 0.007 macro AUC, on all 1,710 only 0.002, and the test splits fell when it shipped on the sample's word."""
     from lesiontriage.train.classifier import ClassifierTrainConfig, select_rows
 
     meta = read_metadata(models_dir)
@@ -264,24 +298,34 @@ def choose_whole_score(models_dir: Path, manifest: pd.DataFrame, data_root: Path
     available = sorted(k for k in meta["models"] if k.startswith("image_classifier"))
     sets = whole_member_sets(available, ensemble, current.members)
     keys = sorted({k for ks in sets for k in ks})
-    members = _member_logits(models_dir, meta, keys, rows, data_root)
+    trained = int(meta["models"]["image_classifier"]["config"]["input_size"])
+    members = _member_logits(models_dir, meta, keys, rows, data_root, (None, *study.whole_view_sizes))
     strata = (rows["source"] + "/" + rows["modality"]).astype(str).tolist()
     table = whole_score_table(members, strata, rows["malignant"].astype(int).to_numpy(), study.subtype_weights, sets)
+    current_tta = (int(current.input_size or trained), current.flip_tta)
     baseline = (current.members, current.subtype_weight) if current.members in sets else (sets[0], 0.0)
     if baseline[1] not in study.subtype_weights:
         baseline = (baseline[0], 0.0)
-    chosen, alpha, temperature = choose_whole_view(table, study.min_gain, baseline)
+    baseline = (*baseline, current_tta)
+    chosen, alpha, temperature, tta = choose_whole_view(table, study.min_gain, baseline)
+    size, flips = tta if tta is not None else (trained, False)
     pipeline["whole_image_members"] = list(chosen)
     pipeline["whole_image_ensemble"] = len(chosen) > 1  # what metadata said before members were listed
     pipeline["whole_image_subtype_weight"] = alpha
     pipeline["whole_image_temperature"] = temperature
+    pipeline["whole_image_input_size"] = None if size == trained else int(size)
+    pipeline["whole_image_flip_tta"] = bool(flips)
     write_metadata(models_dir, meta)
     return {"members": list(chosen), "subtype_weight": alpha, "temperature": temperature,
-            "baseline": {"members": list(baseline[0]), "subtype_weight": baseline[1]},
+            "input_size": int(size), "flip_tta": bool(flips),
+            "baseline": {"members": list(baseline[0]), "subtype_weight": baseline[1], "input_size": baseline[2][0],
+                         "flip_tta": baseline[2][1]},
             "chosen_on": f"validation split: all {len(rows)} labelled photos, whole",
             "criterion": (f"whole-image view alone: macro ROC AUC over source x modality strata of the mean member "
-                          f"logit (1 - alpha) * binary / T + alpha * sub-type malignant mass; a candidate replaces the "
-                          f"shipped view only with a gain >= {study.min_gain}; temperature fitted on the same photos (NLL)"),
+                          f"logit (1 - alpha) * binary / T + alpha * sub-type malignant mass, at input sizes "
+                          f"{sorted({trained, *study.whole_view_sizes})} px, without / with h+v flip averaging; a "
+                          f"candidate replaces the shipped view only with a gain >= {study.min_gain}; temperature "
+                          f"fitted on the same photos (NLL)"),
             "table": table.round(4).to_dict(orient="records")}
 
 
