@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -68,13 +68,23 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+BENCH_SHOTS: dict[str, dict[str, Any]] = {
+    "dermoscopy_600x450": {"size": (600, 450)},
+    "phone_4032x3024": {"size": (4032, 3024)},
+    # One large lesion filling the frame: the close-up path (the detector, the lesion classifier, then the blend's
+    # whole-image view and full-frame view), which the multi-spot shots above never reach.
+    "closeup_4032x3024": {"size": (4032, 3024), "n_lesions": 1, "radius": (0.22, 0.25)},
+}
+
+
 def bench_images(out_dir: Path, seed: int = 0) -> dict[str, Path]:
-    """A 600x450 dermoscopy-like JPEG and a 4032x3024 phone-like JPEG (generated, synthetic)."""
+    """Generated, synthetic JPEGs (q90): a 600x450 dermoscopy-sized scene, a 4032x3024 phone scene of several spots
+    and a 4032x3024 phone close-up of one lesion (``BENCH_SHOTS``)."""
     from lesiontriage.data.demo_scene import make_demo_scene
 
     paths = {}
-    for kind, size in {"dermoscopy_600x450": (600, 450), "phone_4032x3024": (4032, 3024)}.items():
-        rgb, _ = make_demo_scene(seed=seed, size=size)
+    for kind, shot in BENCH_SHOTS.items():
+        rgb, _ = make_demo_scene(seed=seed, **shot)
         p = out_dir / f"{kind}.jpg"
         Image.fromarray(rgb).save(p, quality=90)
         paths[kind] = p

@@ -114,6 +114,19 @@ def test_demo_scene_phone_size_and_bad_size():
         make_demo_scene(size=(10, 10))
 
 
+def test_demo_closeup_is_one_lesion_large_enough_for_the_closeup_blend():
+    """The bench's close-up shot (bench.BENCH_SHOTS) must reach the close-up path: one box over the blend's gate."""
+    from lesiontriage.bench import BENCH_SHOTS
+    from lesiontriage.hybrid import largest_box_fraction
+
+    shot = {**BENCH_SHOTS["closeup_4032x3024"], "size": (1008, 756)}  # same geometry, a quarter of the side
+    for seed in range(3):
+        rgb, boxes = make_demo_scene(seed=seed, **shot)
+        assert len(boxes) == 1 and largest_box_fraction(boxes, 1008, 756) > 0.2
+    _, small = make_demo_scene(seed=0, size=(1008, 756), n_lesions=1)
+    assert largest_box_fraction(small, 1008, 756) < 0.02  # the default spots stay mole-sized
+
+
 # ---- pixel operations -----------------------------------------------------------------------------
 def test_segment_lesion_finds_the_drawn_blob_and_refuses_a_frame_filling_one():
     rng = np.random.default_rng(5)

@@ -98,14 +98,15 @@ def _blob(rng: np.random.Generator, r: float) -> tuple[np.ndarray, int]:
 
 
 def make_demo_scene(seed: int = 0, size: tuple[int, int] = (1600, 1200), n_lesions: int | None = None,
-                    stamp: bool = True, return_masks: bool = False):
+                    stamp: bool = True, return_masks: bool = False, radius: tuple[float, float] = (0.005, 0.04)):
     """A SYNTHETIC wide-field skin photo and its lesion boxes.
 
     Returns ``(rgb, boxes)``: ``rgb`` is H x W x 3 uint8 with ``size = (width, height)``;
     ``boxes`` is a list of ``[x1, y1, x2, y2]`` (pixels, float) around every drawn spot, tight
     around the part of the spot whose opacity is at least 0.25. Deterministic in ``seed``.
     Spots are about 1-8 % of the long side, non-overlapping, in varied colours and border
-    sharpness. With ``return_masks=True`` a third item lists each spot's opacity (float32, 0-1)
+    sharpness; ``radius``: the range of a spot's radius as a fraction of the long side (log-uniform; a close-up of
+    one lesion: ``n_lesions=1, radius=(0.22, 0.25)``). With ``return_masks=True`` a third item lists each spot's opacity (float32, 0-1)
     as ``(x0, y0, alpha)`` so tests can check the boxes against what was drawn.
     """
     w, h = int(size[0]), int(size[1])
@@ -121,7 +122,7 @@ def make_demo_scene(seed: int = 0, size: tuple[int, int] = (1600, 1200), n_lesio
     masks: list[tuple[int, int, np.ndarray]] = []
     for _ in range(n):
         for _attempt in range(30):
-            r = float(np.exp(rng.uniform(np.log(0.005), np.log(0.04))) * s)
+            r = float(np.exp(rng.uniform(np.log(radius[0]), np.log(radius[1]))) * s)
             alpha, half = _blob(rng, r)
             cx = int(rng.integers(half + 2, max(half + 3, w - half - 2)))
             cy = int(rng.integers(half + 2, max(half + 3, h - half - 2 - 2 * tag_h)))

@@ -22,13 +22,15 @@
 Before all of this, **the whole-image view** (networks/whole_view.py), on every labelled validation photo (whole,
 as the whole-image trainer validates): each candidate member set (``--whole-image-ensemble``: every set of the
 installed ``image_classifier*`` models containing ``image_classifier``) x sub-type share alpha (``subtype_weights``:
-0 = the binary head alone, 1 = the 8-way head's malignant mass alone) gets the view's macro AUC over the strata and,
-for alpha > 0, a temperature fitted on those photos (NLL); a candidate replaces the shipped view only with a gain
->= ``min_gain``. The blend is then chosen for the view that ships.
+0 = the binary head alone, 1 = the 8-way head's malignant mass alone) x test-time augmentation (the trained input size
+and each of ``whole_view_sizes``, each without and with averaging over the photo's h/v flips) gets the view's macro
+AUC over the strata and, for alpha > 0, a temperature fitted on those photos (NLL); a candidate replaces the shipped
+view only with a gain >= ``min_gain``. The blend is then chosen for the view that ships.
 
 Writes ``pipeline.whole_image_weight``, ``pipeline.full_frame_weight``,
 ``pipeline.closeup_min_box_fraction``, ``pipeline.closeup_ramp_from``, ``pipeline.whole_image_members``,
-``pipeline.whole_image_subtype_weight``, ``pipeline.whole_image_temperature`` and the tables under
+``pipeline.whole_image_subtype_weight``, ``pipeline.whole_image_temperature``, ``pipeline.whole_image_input_size``,
+``pipeline.whole_image_flip_tta`` and the tables under
 ``pipeline.hybrid_choice`` in ``models/metadata.json``. Run ``train tiers`` afterwards: the tiers are thresholds on
 the scores this rule produces.
 """
