@@ -1,14 +1,13 @@
 """Validation study: does test-time augmentation or a larger input size help the shipped whole-image view?
 
-Why a script and not a pipeline option: measured 2026-12-07, no candidate cleared the project's 0.005 bar on the
-view's macro ROC AUC over the validation strata (best: the view of that day, the image_classifier + _2 pair with
-binary heads, at 256 px with identity + h/v flips, +0.0047, one of ~15 candidates and within the swing of the two
-small strata), so the product runs the view once at 224 px. Re-run on the view shipped since (image_classifier + _2
-+ _3, sub-type mass), all 1,710 photos, `--sizes 256` (~32 min): 224 px identity 0.8937 (= step 0 of `train
-hybrid`), h/v flips 0.8937, 180 + transposes 0.8946, all 8 0.8958; 256 px identity 0.8954, 256 px + h/v flips 0.8991
-(+0.0054, just over the bar, best of 6). Not shipped yet: it runs the view 3 times at 1.3x the pixels (~4x its CPU,
-~+0.2 s per close-up against the 1 s budget), and the blend and tiers would have to be re-chosen for it; the
-next step is a 256 px identity + h-flip variant measured with `lesiontriage bench`.
+What it found, and what became of it: measured 2026-12-07 on the binary pair, no candidate cleared the project's
+0.005 bar on the view's macro ROC AUC over the validation strata (best: 256 px with identity + h/v flips, +0.0047,
+one of ~15 candidates). Re-run on the three-member sub-type view, all 1,710 photos, `--sizes 256` (~32 min): 224 px
+identity 0.8937 (= step 0 of `train hybrid`), h/v flips 0.8937, 180 + transposes 0.8946, all 8 0.8958; 256 px identity
+0.8954, 256 px + h/v flips 0.8991 (+0.0054). Input size and h/v flips then became options of the view itself
+(``pipeline.whole_image_input_size`` / ``whole_image_flip_tta``, networks/whole_view.py), chosen by ``train hybrid``'s
+step 0 with the members and the head; this script stays for the wider grid (transposes, all 8 views, more sizes)
+and measures each member bare (its trained size, no flips), whatever the shipped view's augmentation.
 
 Every labelled validation photo (the whole-image trainer's validation rows), whole, through each member listed in
 ``pipeline.whole_image_members``: the 8 dihedral views (flips and transposes; a lesion photo has no up or left) at

@@ -18,13 +18,16 @@ vs 0.890 (sub-type mass) on all 1,710 validation photos, so the binary head stay
 (``image_classifier_3``, configs/image_classifier_lite2_c.toml) the same step on the same 1,710 photos chose the three
 members' sub-type mass: 0.8937 against the pair's binary 0.8874 (+0.0063; the three binary heads alone: 0.8848).
 
-**Run once, at the trained size.** Flip / transpose test-time augmentation and larger inputs (256, 288 px) were
-measured on the same 1,710 photos (``scripts/whole_view_tta_study.py``, 2026-12-07): the pair's macro AUC moved
-between 0.8815 and 0.8921 against 0.8874 for one pass at 224 px, none clearing the 0.005 bar (the best, 256 px with
-h/v flips, +0.0047, is one of ~15 candidates, within the swing of the 33-photo SD-198 and 99-photo PAD strata).
-Re-measured for the three-member sub-type view (same script, ``--sizes 256``): 256 px with h/v flips 0.8991 against
-0.8937 (+0.0054, best of 6, just over the bar), not yet adopted: three passes at 1.3x the pixels cost ~4x the view's
-CPU (~+0.2 s per close-up against the 1 s budget) and the blend and tiers would have to be re-chosen for it.
+**Input size and flips** (``pipeline.whole_image_input_size``, ``pipeline.whole_image_flip_tta``): the view may run
+its members at another side than they were trained at and average them over the photo and its horizontal and
+vertical flips; both belong to the view (:class:`MeanLogitEnsemble`), so the pipeline, evaluation and the blend study
+all run the same thing. First measured with ``scripts/whole_view_tta_study.py`` (2026-12-07): for the binary pair no
+candidate cleared the 0.005 bar; for the three-member sub-type view 256 px + h/v flips gave +0.0054. Since then
+``train hybrid`` chooses size and flips with the members and the head (step 0, all 1,710 validation photos): on
+2026-12-07 it chose image_classifier + image_classifier_3, sub-type mass, 256 px + flips, macro AUC 0.8998 against
+0.8937 for the shipped three members at 224 px without flips (+0.0061; the three members at 256 px + flips: 0.8991).
+Cost: two members x three views at 1.3x the pixels, ~155 ms per close-up against ~70 ms for the three-member view run
+once at 224 px (eager, 2-core CPU); a wide-field photo never runs the view.
 
 Everything that caches or calibrates whole-image outputs (evaluation, the hybrid study) keys them on
 :func:`whole_view_spec`, so a single model, the ensemble and each score definition never share a cache entry.
