@@ -106,7 +106,7 @@ def make_demo_scene(seed: int = 0, size: tuple[int, int] = (1600, 1200), n_lesio
     around the part of the spot whose opacity is at least 0.25. Deterministic in ``seed``.
     Spots are about 1-8 % of the long side, non-overlapping, in varied colours and border
     sharpness; ``radius``: the range of a spot's radius as a fraction of the long side (log-uniform; a close-up of
-    one lesion: ``n_lesions=1, radius=(0.22, 0.25)``). With ``return_masks=True`` a third item lists each spot's opacity (float32, 0-1)
+    one lesion: ``n_lesions=1, radius=(0.12, 0.14)``). With ``return_masks=True`` a third item lists each spot's opacity (float32, 0-1)
     as ``(x0, y0, alpha)`` so tests can check the boxes against what was drawn.
     """
     w, h = int(size[0]), int(size[1])

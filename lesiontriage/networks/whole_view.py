@@ -26,8 +26,9 @@ candidate cleared the 0.005 bar; for the three-member sub-type view 256 px + h/v
 ``train hybrid`` chooses size and flips with the members and the head (step 0, all 1,710 validation photos): on
 2026-12-07 it chose image_classifier + image_classifier_3, sub-type mass, 256 px + flips, macro AUC 0.8998 against
 0.8937 for the shipped three members at 224 px without flips (+0.0061; the three members at 256 px + flips: 0.8991).
-Cost: two members x three views at 1.3x the pixels, ~155 ms per close-up against ~70 ms for the three-member view run
-once at 224 px (eager, 2-core CPU); a wide-field photo never runs the view.
+Cost: two members x three views at 1.3x the pixels, 124 ms per close-up (``lesiontriage bench``, closeup_4032x3024:
+0.60 s end to end) against ~70 ms for the three-member view run once at 224 px (eager, 2-core CPU); a photo whose
+largest kept box is under the soft gate's start (a wide-field photo of moles) never runs the view.
 
 Everything that caches or calibrates whole-image outputs (evaluation, the hybrid study) keys them on
 :func:`whole_view_spec`, so a single model, the ensemble and each score definition never share a cache entry.
