@@ -257,8 +257,7 @@ def _member_logits(models_dir: Path, meta: dict[str, Any], keys: list[str], rows
     for key in keys:
         entry = meta["models"][key]
         model = None
-        for size in sizes:
-            side = int(size or entry["config"]["input_size"])
+        for side in dict.fromkeys(int(size or entry["config"]["input_size"]) for size in sizes):  # each side once
             cache = RUNS_DIR / "hybrid" / f"member_{entry['sha256'][:12]}_{side}px_flips_{len(rows)}.pkl"
             if cache.exists():
                 binary, subtype = pickle.loads(cache.read_bytes())
