@@ -304,6 +304,9 @@ def train(
                                                   help="hybrid: choose the whole-image view among every set of the "
                                                        "installed image_classifier* models (or use image_classifier "
                                                        "alone) before choosing the blend; unset keeps the view's members"),
+    keep_whole_view: bool = typer.Option(False, "--keep-whole-view",
+                                         help="hybrid: keep the shipped whole-image view (skip step 0, ~25 min) and "
+                                              "re-choose only the blend"),
     soup_uniform: bool = typer.Option(False, "--uniform", help="soup: average every run and export it (for a view "
                                       "judged on the product score by `train hybrid`) instead of the greedy soup"),
     check_product: bool = typer.Option(False, "--check-product",
@@ -366,7 +369,7 @@ def train(
 
         try:
             record = choose_hybrid(manifest_path=manifest, data_root=data_root, command=command_line(),
-                                   whole_image_ensemble=whole_ensemble)
+                                   whole_image_ensemble=whole_ensemble, keep_whole_view=keep_whole_view)
         except (LesionTriageError, FileNotFoundError) as exc:
             _fail(str(exc))
         _print_table(record["table"])
@@ -378,7 +381,8 @@ def train(
         console.print(f"chosen whole_image_weight = {record['whole_image_weight']}, full_frame_weight = "
                       f"{record['full_frame_weight']}, close-up gate = "
                       f"{record['closeup_min_box_fraction']}, soft gate from = {record.get('closeup_ramp_from')}, "
-                      f"no-lesion photos scored by the views = {record.get('no_lesion_views', False)} "
+                      f"no-lesion photos scored by the views = {record.get('no_lesion_views', False)}, lesion crop "
+                      f"margin = {record.get('lesion_crop_margin')} "
                       "(run `lesiontriage train tiers` next)")
         for cand in record.get("soft_gate", {}).get("candidates", []):
             console.print("  soft gate " + "  ".join(f"{k}={v}" for k, v in cand.items()))

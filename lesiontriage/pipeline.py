@@ -65,6 +65,10 @@ class PipelineSettings:
     closeup_min_box_fraction: float = 0.15  # largest kept box / image area that makes a photo a close-up
     closeup_ramp_from: float | None = None  # soft gate (hybrid.py): views' weights ramp up from this fraction
     no_lesion_views: bool = False  # no lesion kept: the image score comes from the two whole-photo views (hybrid.py)
+    # Context around a detected box when its crop is classified, as a fraction of the box side (imaging.crop_window);
+    # None = the classifier's trained crop_margin. Chosen on validation by `train hybrid` (a wider context helped
+    # the close-ups, whose sets without given boxes were trained on whole photos).
+    lesion_crop_margin: float | None = None
     fast_cpu: bool = True  # run the networks through frozen oneDNN copies (networks/fast.py), checked vs eager at load
 
     @property
@@ -276,8 +280,14 @@ class TriagePipeline:
             outs.append(self.classify(batch, model, meta, tta=self.settings.tta_for(len(batch))))
         return np.mean([o[0] for o in outs], axis=0), np.mean([o[1] for o in outs], axis=0)
 
+    def crop_margin(self, cfg: ClassifierConfig | None = None) -> float:
+        """The context margin of every lesion crop: ``settings.lesion_crop_margin``, else the classifier's trained one."""
+        chosen = self.settings.lesion_crop_margin
+        return float(chosen) if chosen is not None else float((cfg or self.classifier.config).crop_margin)
+
     def _crop_batch(self, rgb: np.ndarray, boxes: np.ndarray, cfg: ClassifierConfig) -> torch.Tensor:
-        crops = [crop_with_margin(rgb, b.tolist(), margin=cfg.crop_margin, square=True) for b in boxes]
+        margin = self.crop_margin(cfg)
+        crops = [crop_with_margin(rgb, b.tolist(), margin=margin, square=True) for b in boxes]
         return self._normalise([_to_tensor(c) for c in crops], cfg)
 
     @staticmethod
@@ -447,7 +457,7 @@ class TriagePipeline:
         """The lesion's crop (box + context margin) as the classifier saw it, RGB uint8."""
         img = image if isinstance(image, LoadedImage) else self.load(image, name=name)
         box = [v * img.scale for v in lesion.box]
-        return crop_with_margin(img.rgb, box, margin=self.classifier.config.crop_margin, square=True)
+        return crop_with_margin(img.rgb, box, margin=self.crop_margin(), square=True)
 
     def gradcam(self, image: Any, lesion_index: int, result: TriageResult | None = None, name: str | None = None) -> np.ndarray:
         """Grad-CAM overlay (RGB uint8, classifier input size) of one lesion's malignant logit."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from lesiontriage.hybrid import HybridRule, largest_box_fraction
@@ -203,3 +204,16 @@ def test_product_check_scores_a_classifier_by_the_shipped_grid():
     pure_two_stage = stratum_macro(noise, [float(np.mean(p.lesion_p)) for p in noise])
     assert b.product_macro_auc >= pure_two_stage - 1e-9  # the grid holds the (0, 0) pair: never worse than the lesions
     assert set(a.by_stratum) == {"a", "b"}
+
+
+def test_crop_margin_replaces_the_trained_one_only_with_a_gain_that_spares_the_scenes():
+    from lesiontriage.train.hybrid import BlendChoice, HybridStudy, choose_margin
+
+    def blend(macro: float, scenes: float | None) -> BlendChoice:
+        return BlendChoice(0.6, 0.2, 0.02, True, {}, pd.DataFrame(), macro, scenes)
+
+    study = HybridStudy()
+    assert choose_margin({0.25: blend(0.89, 0.60), 0.5: blend(0.893, 0.60), 0.75: blend(0.90, 0.60)}, 0.25, study) == 0.75
+    assert choose_margin({0.25: blend(0.89, 0.60), 0.75: blend(0.894, 0.60)}, 0.25, study) == 0.25  # under min_gain
+    assert choose_margin({0.25: blend(0.89, 0.60), 0.75: blend(0.90, 0.55)}, 0.25, study) == 0.25  # scenes fall 0.05
+    assert choose_margin({0.25: blend(0.89, None), 0.75: blend(0.90, 0.55), 1.0: blend(0.91, 0.5)}, 0.25, study) == 1.0

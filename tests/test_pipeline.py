@@ -415,6 +415,18 @@ def test_soft_gate_and_many_lesion_photos(pipe, photos):
     batch = few._crop_batch(img.rgb, img_boxes, few.classifier.config)
     assert few.lesion_probabilities(img.rgb, img_boxes)[0] == pytest.approx(few.classify(batch, tta=True)[0], abs=1e-5)
 
+    # a chosen crop context (pipeline.lesion_crop_margin) is what every lesion crop uses: scores and the shown crop
+    trained = variant(1, 0.2, lesion_crop_margin=None)
+    wider = variant(1, 0.2, lesion_crop_margin=0.75)
+    assert trained.crop_margin() == trained.classifier.config.crop_margin and wider.crop_margin() == 0.75
+    res_t, res_w = trained.predict(photos[1]), wider.predict(photos[1])
+    side = lambda crop: crop.shape[:2]  # noqa: E731
+    assert side(wider.crop(photos[1], res_w.lesions[0]))[0] == pytest.approx(
+        side(trained.crop(photos[1], res_t.lesions[0]))[0] * 2.5 / 1.5, rel=0.02)
+    wide_batch = wider._crop_batch(img.rgb, img_boxes[:1], wider.classifier.config)
+    assert res_w.lesions[0].p_malignant != pytest.approx(res_t.lesions[0].p_malignant, abs=1e-6)
+    assert not np.allclose(wide_batch.numpy(), trained._crop_batch(img.rgb, img_boxes[:1], trained.classifier.config).numpy())
+
 
 def test_photo_without_a_kept_lesion_is_scored_by_the_whole_photo_views(pipe, photos):
     """A detector miss must not make a close-up 'routine' by definition: with ``no_lesion_views`` the

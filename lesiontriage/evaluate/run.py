@@ -744,6 +744,7 @@ def engine_settings(ps) -> dict[str, Any]:
     """The pipeline settings that change a cached stage's value (part of its cache tag)."""
     return {"thr": ps.detector_score_threshold, "max": ps.max_lesions, "nest": ps.nested_containment, "tta": ps.flip_tta,
             "tta_max": ps.flip_tta_max_crops, "merge": merge_rule(ps),
+            **({"margin": float(ps.lesion_crop_margin)} if ps.lesion_crop_margin is not None else {}),
             **({"wide": list(ps.widefield)} if ps.widefield_score_threshold > 0 else {})}
 
 
@@ -761,11 +762,12 @@ def stage_tags(info: ModelInfo, engine_settings: dict[str, Any], item: EvalItem)
     merge = f"|merge={engine_settings['merge']}" if engine_settings.get("merge", (0.0,))[0] > 0 else ""
     if engine_settings.get("wide"):  # the many-lesion photos' lower score cut keeps more boxes
         merge += f"|wide={engine_settings['wide']}"
+    margin = f"|margin={engine_settings['margin']:g}" if "margin" in engine_settings else ""  # crop context (cls_* stages)
     if cls_ok and det_ok and need_two_stage:
         tags["cls_det"] = (f"{info.sha256['classifier']}|{info.sha256['detector']}|{engine_settings['thr']}|{engine_settings['max']}"
-                           f"|{engine_settings.get('nest', 0.0)}|{engine_settings.get('tta', False)}{tta}{merge}", "")
+                           f"|{engine_settings.get('nest', 0.0)}|{engine_settings.get('tta', False)}{tta}{merge}{margin}", "")
     if cls_ok and item.classify:
-        tags["cls_gt"] = (f"{info.sha256['classifier']}|tta={engine_settings.get('tta', False)}{tta}",
+        tags["cls_gt"] = (f"{info.sha256['classifier']}|tta={engine_settings.get('tta', False)}{tta}{margin}",
                           json.dumps(item.gt_crop_boxes()))
     if info.ok("image_classifier") and item.whole:
         spec = whole_view_spec(info.metadata)  # one model or the ensemble: never the same cache entry

@@ -133,10 +133,10 @@ def photo_sizes(pipe, dets: list[dict[str, Any]], data_root: Path | None, cache:
 
 
 def merge_tag(settings: PipelineSettings) -> str:
-    """Cache-name suffix for results that depend on the lobe-merging rule ('' when off)."""
-    if settings.merge_score <= 0:
-        return ""
-    return f"_m{settings.merge_score:g}-{settings.merge_iou:g}-{settings.merge_min_area:g}"
+    """Cache-name suffix for results that depend on the lobe-merging rule ('' when off) and on the lesion crops'
+    context margin ('' when the classifier's own)."""
+    tag = "" if settings.merge_score <= 0 else f"_m{settings.merge_score:g}-{settings.merge_iou:g}-{settings.merge_min_area:g}"
+    return tag if settings.lesion_crop_margin is None else f"{tag}_c{settings.lesion_crop_margin:g}"
 
 
 def _load(pipe, r: pd.Series, squash: bool, data_root: Path | None):

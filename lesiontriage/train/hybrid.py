@@ -18,6 +18,10 @@
    wide-field photos a ramp could touch) does not fall by more than ``scene_tolerance``.
 4. **No lesion kept.** The grid once more with photos without a kept lesion scored by the views
    alone (``no_lesion_views``) instead of 0; switched on only with a further gain >= ``min_gain``.
+5. **Crop context.** Steps 2-4 once per lesion-crop margin (``crop_margins`` and the classifier's trained one; the
+   lesion probabilities and the scenes are recomputed with that context). A margin replaces the trained one only
+   with a macro gain >= ``min_gain`` of its final rule and the validation scenes' image AUC within
+   ``scene_tolerance``; it ships as ``pipeline.lesion_crop_margin`` (every lesion crop: scores, Grad-CAM, app).
 
 Before all of this, **the whole-image view** (networks/whole_view.py), on every labelled validation photo (whole,
 as the whole-image trainer validates): each candidate member set (``--whole-image-ensemble``: every set of the
@@ -28,7 +32,8 @@ AUC over the strata and, for alpha > 0, a temperature fitted on those photos (NL
 view only with a gain >= ``min_gain``. The blend is then chosen for the view that ships.
 
 Writes ``pipeline.whole_image_weight``, ``pipeline.full_frame_weight``,
-``pipeline.closeup_min_box_fraction``, ``pipeline.closeup_ramp_from``, ``pipeline.whole_image_members``,
+``pipeline.closeup_min_box_fraction``, ``pipeline.closeup_ramp_from``, ``pipeline.lesion_crop_margin``,
+``pipeline.whole_image_members``,
 ``pipeline.whole_image_subtype_weight``, ``pipeline.whole_image_temperature``, ``pipeline.whole_image_input_size``,
 ``pipeline.whole_image_flip_tta`` and the tables under
 ``pipeline.hybrid_choice`` in ``models/metadata.json``. Run ``train tiers`` afterwards: the tiers are thresholds on
@@ -38,7 +43,7 @@ from __future__ import annotations
 
 import datetime as dt
 import pickle
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +84,9 @@ class HybridStudy:
     # Extra input sides for the whole-image view (besides the trained one), each without and with h/v flips:
     # scripts/whole_view_tta_study.py measured 256 px + flips at +0.0054 for the three-member view; 288 px did not help.
     whole_view_sizes: tuple[int, ...] = (256,)
+    # Lesion-crop context margins besides the classifier's trained one (crop side = box side x (1 + 2 margin)); the
+    # sets without given boxes (derm7pt, SD-198) were trained on whole photos, so a close-up's crop may need more context.
+    crop_margins: tuple[float, ...] = (0.5, 0.75, 1.0)
 
 
 @dataclass
@@ -415,41 +423,30 @@ def _closeups(pipe, rows: pd.DataFrame, data_root: Path | None, cache: Path) -> 
     return out
 
 
-def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = None, data_root: Path | None = None,
-                  study: HybridStudy | None = None, command: str = "",
-                  whole_image_ensemble: bool | None = None) -> dict[str, Any]:
-    """Run the study and store the chosen blend in metadata.json; returns the decision record.
-    ``whole_image_ensemble``: True lets step 0 choose among every set of the installed whole-image models that
-    contains ``image_classifier``, False makes the view that model alone, None keeps the view's members; the blend is
-    then chosen for the whole-image view that will ship."""
-    from lesiontriage.pipeline import TriagePipeline
+@dataclass
+class BlendChoice:
+    """The close-up blend chosen for one lesion-crop margin, with what decides between margins."""
 
-    study = study or HybridStudy()
-    if whole_image_ensemble and "image_classifier_2" not in read_metadata(models_dir).get("models", {}):
-        # refuse before writing: a failed study must not leave metadata.json naming a model that is not there
-        raise ModelError(f"--whole-image-ensemble needs image_classifier_2, which {models_dir / 'metadata.json'} "
-                         "does not list (train it with `--config image_classifier_lite2_b`)")
-    if whole_view_spec(read_metadata(models_dir)) is None:  # checked on metadata: the pipeline loads once, below
-        raise ModelError(f"the close-up blend needs a whole-image classifier: {models_dir / 'metadata.json'} lists none "
-                         "(run `lesiontriage train image-classifier` first)")
-    manifest = load_manifest(manifest_path)
-    whole_score = choose_whole_score(models_dir, manifest, data_root, study, whole_image_ensemble)
-    pipe = TriagePipeline.from_dir(models_dir)  # the whole-image view as chosen
-    meta = read_metadata(models_dir)
-    rows = validation_images(manifest, BoxRuleStudy().targets)
-    wide = _widefield_fractions(pipe, manifest, study, data_root)
-    gate = choose_gate([w["largest_box_fraction"] for w in wide], study.gates)
-    sha = meta["models"]
-    tag = f"{sha['detector']['sha256'][:12]}_{whole_view_spec(meta).sha256[:12]}_{len(rows)}"
-    photos = _closeups(pipe, rows, data_root, RUNS_DIR / "hybrid" / f"whole_{tag}.pkl")
+    weight: float
+    frame_weight: float
+    ramp: float | None
+    no_lesion_views: bool
+    soft: dict[str, Any]
+    table: pd.DataFrame
+    macro: float  # validation macro AUC of the chosen rule
+    scene_auc: float | None  # labelled validation scenes' image AUC under the chosen rule
+
+
+def choose_blend(pipe, photos: list[CloseUp], gate: float, study: HybridStudy, sha: dict[str, Any], tag: str) -> BlendChoice:
+    """Steps 2-4 of the module docstring (weights, soft gate, no-lesion views) for the pipeline's current settings."""
     pairs = weight_pairs(study.weights, study.min_lesion_weight)
     table = score_table(photos, pairs, gate, study.aggregate)
     weight, frame_weight = choose_weights(table, study.min_gain) if np.isfinite(gate) else (0.0, 0.0)
     ramp, soft, no_lesion_views = None, {}, False
+    clf_tag = f"{sha['classifier']['sha256'][:12]}_tta{int(pipe.settings.flip_tta)}_{pipe.settings.flip_tta_max_crops}"
+    scenes = _scene_views(pipe, study, RUNS_DIR / "hybrid" / f"scenes_{tag}_{clf_tag}{merge_tag(pipe.settings)}.pkl")
     if np.isfinite(gate) and (weight or frame_weight):
         hard_macro = float(table[(table["whole_image_weight"] == weight) & (table["full_frame_weight"] == frame_weight)]["macro"].iloc[0])
-        clf_tag = f"{sha['classifier']['sha256'][:12]}_tta{int(pipe.settings.flip_tta)}_{pipe.settings.flip_tta_max_crops}"
-        scenes = _scene_views(pipe, study, RUNS_DIR / "hybrid" / f"scenes_{tag}_{clf_tag}{merge_tag(pipe.settings)}.pkl")
         ramp_tables = {r: score_table(photos, pairs, gate, study.aggregate, r) for r in study.ramps}
         best = {r: t.loc[t["macro"].idxmax()] for r, t in ramp_tables.items()}
         scene_aucs = {r: scene_auc(HybridRule(float(b["whole_image_weight"]), gate, float(b["full_frame_weight"]), r), scenes,
@@ -474,12 +471,76 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
                                 "full_frame_weight": float(best[r]["full_frame_weight"]), "macro": round(float(best[r]["macro"]), 4),
                                 "blended_share": round(float(best[r]["blended_share"]), 4), "scene_auc": scene_aucs[r]}
                                for r in study.ramps]}
+    final = HybridRule(weight, gate, frame_weight, ramp, no_lesion_views) if np.isfinite(gate) else HybridRule()
+    final_macro = float(score_table(photos, [(weight, frame_weight)], gate if np.isfinite(gate) else 1.0, study.aggregate,
+                                    ramp, no_lesion_views)["macro"].iloc[0])
+    return BlendChoice(weight, frame_weight, ramp, no_lesion_views, soft, table, final_macro,
+                       scene_auc(final, scenes, study.aggregate))
+
+
+def choose_margin(blends: dict[float, BlendChoice], trained_margin: float, study: HybridStudy) -> float:
+    """The lesion-crop margin whose chosen blend beats the trained margin's by >= ``min_gain`` macro AUC without
+    costing the validation scenes more than ``scene_tolerance`` image AUC; the best such, else the trained one."""
+    base = blends[trained_margin]
+    ok = [(b.macro, m) for m, b in blends.items() if m != trained_margin and b.macro - base.macro >= study.min_gain
+          and (base.scene_auc is None or b.scene_auc is None or b.scene_auc >= base.scene_auc - study.scene_tolerance)]
+    return max(ok)[1] if ok else trained_margin
+
+
+def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = None, data_root: Path | None = None,
+                  study: HybridStudy | None = None, command: str = "",
+                  whole_image_ensemble: bool | None = None, keep_whole_view: bool = False) -> dict[str, Any]:
+    """Run the study and store the chosen blend in metadata.json; returns the decision record.
+    ``whole_image_ensemble``: True lets step 0 choose among every set of the installed whole-image models that
+    contains ``image_classifier``, False makes the view that model alone, None keeps the view's members; the blend is
+    then chosen for the whole-image view that will ship. ``keep_whole_view``: skip step 0 and keep the shipped view
+    and its decision record (its members' validation logits at every candidate size cost ~25 minutes when the
+    whole-image models have not changed)."""
+    from lesiontriage.pipeline import TriagePipeline
+
+    study = study or HybridStudy()
+    if whole_image_ensemble and "image_classifier_2" not in read_metadata(models_dir).get("models", {}):
+        # refuse before writing: a failed study must not leave metadata.json naming a model that is not there
+        raise ModelError(f"--whole-image-ensemble needs image_classifier_2, which {models_dir / 'metadata.json'} "
+                         "does not list (train it with `--config image_classifier_lite2_b`)")
+    if whole_view_spec(read_metadata(models_dir)) is None:  # checked on metadata: the pipeline loads once, below
+        raise ModelError(f"the close-up blend needs a whole-image classifier: {models_dir / 'metadata.json'} lists none "
+                         "(run `lesiontriage train image-classifier` first)")
+    manifest = load_manifest(manifest_path)
+    if keep_whole_view:
+        previous = read_metadata(models_dir).get("pipeline", {}).get("hybrid_choice", {})
+        whole_score = {**previous.get("whole_image_score", {}),
+                       "kept_from": f"{previous.get('command', '?')} ({previous.get('date', '?')})"}
+    else:
+        whole_score = choose_whole_score(models_dir, manifest, data_root, study, whole_image_ensemble)
+    pipe = TriagePipeline.from_dir(models_dir)  # the whole-image view as chosen
+    meta = read_metadata(models_dir)
+    rows = validation_images(manifest, BoxRuleStudy().targets)
+    wide = _widefield_fractions(pipe, manifest, study, data_root)
+    gate = choose_gate([w["largest_box_fraction"] for w in wide], study.gates)
+    sha = meta["models"]
+    tag = f"{sha['detector']['sha256'][:12]}_{whole_view_spec(meta).sha256[:12]}_{len(rows)}"
+    trained_margin = float(pipe.classifier.config.crop_margin)
+    blends: dict[float, BlendChoice] = {}
+    for margin in sorted({trained_margin, *study.crop_margins}):
+        # the trained margin runs as None (no setting written): its caches are those of every earlier study
+        pipe.settings = replace(pipe.settings, lesion_crop_margin=None if margin == trained_margin else margin)
+        photos = _closeups(pipe, rows, data_root, RUNS_DIR / "hybrid" / f"whole_{tag}.pkl")
+        blends[margin] = choose_blend(pipe, photos, gate, study, sha, tag)
+    margin = choose_margin(blends, trained_margin, study)
+    chosen = blends[margin]
+    weight, frame_weight, ramp, no_lesion_views = chosen.weight, chosen.frame_weight, chosen.ramp, chosen.no_lesion_views
+    soft, table = chosen.soft, chosen.table
     record = {
         "whole_image_weight": weight,
         "full_frame_weight": frame_weight,
         "closeup_min_box_fraction": gate if np.isfinite(gate) else None,
         "closeup_ramp_from": ramp,
         "no_lesion_views": no_lesion_views,
+        "lesion_crop_margin": margin,
+        "crop_margins": [{"margin": m, "trained": m == trained_margin, "macro": round(b.macro, 4), "scene_auc": b.scene_auc,
+                          "whole_image_weight": b.weight, "full_frame_weight": b.frame_weight, "ramp_from": b.ramp,
+                          "no_lesion_views": b.no_lesion_views} for m, b in blends.items()],
         "soft_gate": soft,
         "criterion": (f"gate: smallest candidate above the largest kept box / image area of every wide-field validation "
                       f"photo; weights (whole-image classifier, lesion classifier on the whole frame; the lesion "
@@ -487,7 +548,9 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
                       f"{study.aggregate} aggregation; a pair replaces (0, 0) only with a gain >= {study.min_gain}; a soft "
                       f"gate (ramp_from) replaces the hard one only with a further gain >= {study.min_gain} and validation "
                       f"scenes' image AUC within {study.scene_tolerance} of the hard gate's; photos without a kept "
-                      f"lesion scored by the views only with a further gain >= {study.min_gain}"),
+                      f"lesion scored by the views only with a further gain >= {study.min_gain}; all of this per lesion-crop "
+                      f"margin, a margin replacing the classifier's trained {trained_margin:g} only with a gain >= "
+                      f"{study.min_gain} and validation scenes' image AUC within {study.scene_tolerance} of its"),
         "chosen_on": (f"validation split: {len(rows)} labelled photos + the HAM10000 ones squashed to 224x224; "
                       f"wide-field: {sum(w['kind'] == 'real' for w in wide)} real mole photos + "
                       f"{sum(w['kind'] == 'synthetic' for w in wide)} synthetic scenes (seed {study.scene_seed})"),
@@ -508,6 +571,7 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
     meta["pipeline"]["closeup_min_box_fraction"] = gate if np.isfinite(gate) else 1.0
     meta["pipeline"]["closeup_ramp_from"] = ramp
     meta["pipeline"]["no_lesion_views"] = no_lesion_views
+    meta["pipeline"]["lesion_crop_margin"] = None if margin == trained_margin else margin
     meta["pipeline"]["hybrid_choice"] = record
     write_metadata(models_dir, meta)
     return record
