@@ -381,8 +381,8 @@ def train(
         console.print(f"chosen whole_image_weight = {record['whole_image_weight']}, full_frame_weight = "
                       f"{record['full_frame_weight']}, close-up gate = "
                       f"{record['closeup_min_box_fraction']}, soft gate from = {record.get('closeup_ramp_from')}, "
-                      f"no-lesion photos scored by the views = {record.get('no_lesion_views', False)}, lesion crop "
-                      f"margin = {record.get('lesion_crop_margin')} "
+                      f"no-lesion photos scored by the views = {record.get('no_lesion_views', False)}, close-up crop "
+                      f"margin = {record.get('closeup_crop_margin')} "
                       "(run `lesiontriage train tiers` next)")
         for cand in record.get("soft_gate", {}).get("candidates", []):
             console.print("  soft gate " + "  ".join(f"{k}={v}" for k, v in cand.items()))

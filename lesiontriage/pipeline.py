@@ -21,7 +21,7 @@ from lesiontriage.aggregation import aggregate as aggregate_probs
 from lesiontriage.box_rescoring import BoxRescorer
 from lesiontriage.box_selection import MAX_LESIONS, BoxSelection
 from lesiontriage.errors import ImageError, ModelError
-from lesiontriage.hybrid import HybridRule
+from lesiontriage.hybrid import HybridRule, largest_box_fraction
 from lesiontriage.imaging import LoadedImage, assess_quality, crop_with_margin, load_image
 from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier, MalignantLogitOnly
 from lesiontriage.networks.detector import DetectorConfig, build_detector
@@ -65,10 +65,11 @@ class PipelineSettings:
     closeup_min_box_fraction: float = 0.15  # largest kept box / image area that makes a photo a close-up
     closeup_ramp_from: float | None = None  # soft gate (hybrid.py): views' weights ramp up from this fraction
     no_lesion_views: bool = False  # no lesion kept: the image score comes from the two whole-photo views (hybrid.py)
-    # Context around a detected box when its crop is classified, as a fraction of the box side (imaging.crop_window);
-    # None = the classifier's trained crop_margin. Chosen on validation by `train hybrid` (a wider context helped
-    # the close-ups, whose sets without given boxes were trained on whole photos).
-    lesion_crop_margin: float | None = None
+    # Context around each box of a close-up (largest kept box >= closeup_min_box_fraction of the photo) when its crop
+    # is classified, as a fraction of the box side (imaging.crop_window); None, and every photo under the gate, use
+    # the classifier's trained crop_margin. Chosen on validation by `train hybrid`: a wider context helped the
+    # close-ups (their sets without given boxes were trained on whole photos) and hurt wide-field lesions.
+    closeup_crop_margin: float | None = None
     fast_cpu: bool = True  # run the networks through frozen oneDNN copies (networks/fast.py), checked vs eager at load
 
     @property
@@ -280,13 +281,19 @@ class TriagePipeline:
             outs.append(self.classify(batch, model, meta, tta=self.settings.tta_for(len(batch))))
         return np.mean([o[0] for o in outs], axis=0), np.mean([o[1] for o in outs], axis=0)
 
-    def crop_margin(self, cfg: ClassifierConfig | None = None) -> float:
-        """The context margin of every lesion crop: ``settings.lesion_crop_margin``, else the classifier's trained one."""
-        chosen = self.settings.lesion_crop_margin
-        return float(chosen) if chosen is not None else float((cfg or self.classifier.config).crop_margin)
+    def crop_margin(self, box_fraction: float, cfg: ClassifierConfig | None = None) -> float:
+        """The context margin of the lesion crops of a photo whose largest kept box covers ``box_fraction`` of it:
+        ``settings.closeup_crop_margin`` on a close-up (at or above the close-up gate), else the trained one."""
+        chosen = self.settings.closeup_crop_margin
+        if chosen is not None and box_fraction >= float(self.settings.closeup_min_box_fraction):
+            return float(chosen)
+        return float((cfg or self.classifier.config).crop_margin)
 
-    def _crop_batch(self, rgb: np.ndarray, boxes: np.ndarray, cfg: ClassifierConfig) -> torch.Tensor:
-        margin = self.crop_margin(cfg)
+    def _crop_batch(self, rgb: np.ndarray, boxes: np.ndarray, cfg: ClassifierConfig, margin: float | None = None) -> torch.Tensor:
+        """The normalised crops of ``boxes`` (all the photo's kept boxes: they decide whether it is a close-up);
+        ``margin`` overrides :meth:`crop_margin` (validation studies scoring one context for every box)."""
+        if margin is None:
+            margin = self.crop_margin(largest_box_fraction(boxes, rgb.shape[1], rgb.shape[0]), cfg)
         crops = [crop_with_margin(rgb, b.tolist(), margin=margin, square=True) for b in boxes]
         return self._normalise([_to_tensor(c) for c in crops], cfg)
 
@@ -407,12 +414,13 @@ class TriagePipeline:
         timings["detect"] = (time.perf_counter() - t) * 1000
         t = time.perf_counter()
         probs, subs = self.lesion_probabilities(img.rgb, boxes) if len(boxes) else self.classify(torch.zeros(0))
+        margin = self.crop_margin(largest_box_fraction(boxes, img.rgb.shape[1], img.rgb.shape[0]))  # what the crops used
         timings["classify"] = (time.perf_counter() - t) * 1000
         names = self.classifier.config.subtypes
         lesions = [
             Lesion(index=i, box=[round(float(v) / img.scale, 1) for v in b], detector_score=float(s), p_malignant=float(p),
                    subtypes={n: float(q) for n, q in zip(names, qs)},
-                   box_confidence=None if confidence is None else float(confidence[i]))
+                   box_confidence=None if confidence is None else float(confidence[i]), crop_margin=margin)
             for i, (b, s, p, qs) in enumerate(zip(boxes, det_scores, probs, subs))
         ]
         lesion_score = float(aggregate_probs([l.p_malignant for l in lesions], aggregate))
@@ -457,7 +465,7 @@ class TriagePipeline:
         """The lesion's crop (box + context margin) as the classifier saw it, RGB uint8."""
         img = image if isinstance(image, LoadedImage) else self.load(image, name=name)
         box = [v * img.scale for v in lesion.box]
-        return crop_with_margin(img.rgb, box, margin=self.crop_margin(), square=True)
+        return crop_with_margin(img.rgb, box, margin=lesion.crop_margin or self.classifier.config.crop_margin, square=True)
 
     def gradcam(self, image: Any, lesion_index: int, result: TriageResult | None = None, name: str | None = None) -> np.ndarray:
         """Grad-CAM overlay (RGB uint8, classifier input size) of one lesion's malignant logit."""

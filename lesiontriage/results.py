@@ -29,6 +29,9 @@ class Lesion:
     # P(this box fits a real lesion) from its place among the photo's detections (box_rescoring.py);
     # None when no box rescorer is shipped. Ranks boxes; never decides which lesions are kept.
     box_confidence: float | None = None
+    # Context around the box in the crop the classifier scored (fraction of the box side; pipeline.crop_margin):
+    # wider on a close-up when validation chose so. None: the classifier's trained margin (older results).
+    crop_margin: float | None = None
 
     @property
     def top_subtype(self) -> str:

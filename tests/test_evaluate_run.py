@@ -680,14 +680,16 @@ def test_flip_views_average_like_the_pipeline():
     assert np.allclose(got_sub, torch.softmax(want_sub.float(), -1).numpy(), atol=1e-5)
 
 
-def test_a_chosen_crop_margin_keys_the_classified_stages_but_not_the_detections():
+def test_a_chosen_closeup_crop_margin_keys_the_classified_stages_but_not_the_detections():
     from lesiontriage.evaluate.run import engine_settings, stage_tags
     from lesiontriage.pipeline import PipelineSettings
 
     info = ModelInfo({}, {k: k for k in ("classifier", "detector")}, {k: "ok" for k in ("classifier", "detector")})
     item = _labelled_items(1, 0)[0]
     trained = stage_tags(info, engine_settings(PipelineSettings()), item)
-    wider = stage_tags(info, engine_settings(PipelineSettings(lesion_crop_margin=0.75)), item)
+    wider = stage_tags(info, engine_settings(PipelineSettings(closeup_crop_margin=0.75)), item)
+    other_gate = stage_tags(info, engine_settings(PipelineSettings(closeup_crop_margin=0.75, closeup_min_box_fraction=0.3)), item)
     assert wider["det"] == trained["det"]
     assert wider["cls_det"] != trained["cls_det"] and wider["cls_gt"] != trained["cls_gt"]
-    assert engine_settings(PipelineSettings()) == engine_settings(PipelineSettings(lesion_crop_margin=None))
+    assert other_gate["cls_det"] != wider["cls_det"]  # the gate decides which photos get the wider context
+    assert engine_settings(PipelineSettings()) == engine_settings(PipelineSettings(closeup_crop_margin=None))

@@ -415,17 +415,23 @@ def test_soft_gate_and_many_lesion_photos(pipe, photos):
     batch = few._crop_batch(img.rgb, img_boxes, few.classifier.config)
     assert few.lesion_probabilities(img.rgb, img_boxes)[0] == pytest.approx(few.classify(batch, tta=True)[0], abs=1e-5)
 
-    # a chosen crop context (pipeline.lesion_crop_margin) is what every lesion crop uses: scores and the shown crop
-    trained = variant(1, 0.2, lesion_crop_margin=None)
-    wider = variant(1, 0.2, lesion_crop_margin=0.75)
-    assert trained.crop_margin() == trained.classifier.config.crop_margin and wider.crop_margin() == 0.75
-    res_t, res_w = trained.predict(photos[1]), wider.predict(photos[1])
-    side = lambda crop: crop.shape[:2]  # noqa: E731
-    assert side(wider.crop(photos[1], res_w.lesions[0]))[0] == pytest.approx(
-        side(trained.crop(photos[1], res_t.lesions[0]))[0] * 2.5 / 1.5, rel=0.02)
-    wide_batch = wider._crop_batch(img.rgb, img_boxes[:1], wider.classifier.config)
+    # a chosen close-up crop context (pipeline.closeup_crop_margin): every crop of a close-up (largest box >= the
+    # gate) uses it, scores and the shown crop alike; a photo under the gate keeps the trained margin
+    trained_margin = pipe.classifier.config.crop_margin
+    closeup = variant(1, 0.5, closeup_crop_margin=None, closeup_min_box_fraction=0.15)
+    wider = variant(1, 0.5, closeup_crop_margin=1.0, closeup_min_box_fraction=0.15)
+    res_t, res_w = closeup.predict(photos[1]), wider.predict(photos[1])
+    assert res_t.lesions[0].crop_margin == trained_margin and res_w.lesions[0].crop_margin == 1.0
     assert res_w.lesions[0].p_malignant != pytest.approx(res_t.lesions[0].p_malignant, abs=1e-6)
-    assert not np.allclose(wide_batch.numpy(), trained._crop_batch(img.rgb, img_boxes[:1], trained.classifier.config).numpy())
+    side_t, side_w = closeup.crop(photos[1], res_t.lesions[0]).shape[0], wider.crop(photos[1], res_w.lesions[0]).shape[0]
+    assert side_w == pytest.approx(side_t * 3.0 / (1 + 2 * trained_margin), rel=0.02)
+    assert res_w.to_dict()["lesions"][0]["crop_margin"] == 1.0
+    grid = variant(9, 0.1, closeup_crop_margin=1.0, closeup_min_box_fraction=0.15)  # 1% boxes: not a close-up
+    plain_grid = variant(9, 0.1, closeup_crop_margin=None, closeup_min_box_fraction=0.15)
+    res_g, res_p = grid.predict(photos[0]), plain_grid.predict(photos[0])
+    assert {l.crop_margin for l in res_g.lesions} == {trained_margin}
+    assert [l.p_malignant for l in res_g.lesions] == pytest.approx([l.p_malignant for l in res_p.lesions], abs=1e-6)
+    assert grid.crop_margin(0.2) == 1.0 and grid.crop_margin(0.1) == trained_margin
 
 
 def test_photo_without_a_kept_lesion_is_scored_by_the_whole_photo_views(pipe, photos):

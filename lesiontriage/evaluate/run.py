@@ -744,7 +744,8 @@ def engine_settings(ps) -> dict[str, Any]:
     """The pipeline settings that change a cached stage's value (part of its cache tag)."""
     return {"thr": ps.detector_score_threshold, "max": ps.max_lesions, "nest": ps.nested_containment, "tta": ps.flip_tta,
             "tta_max": ps.flip_tta_max_crops, "merge": merge_rule(ps),
-            **({"margin": float(ps.lesion_crop_margin)} if ps.lesion_crop_margin is not None else {}),
+            **({"margin": [float(ps.closeup_crop_margin), float(ps.closeup_min_box_fraction)]}
+               if ps.closeup_crop_margin is not None else {}),
             **({"wide": list(ps.widefield)} if ps.widefield_score_threshold > 0 else {})}
 
 
@@ -762,7 +763,8 @@ def stage_tags(info: ModelInfo, engine_settings: dict[str, Any], item: EvalItem)
     merge = f"|merge={engine_settings['merge']}" if engine_settings.get("merge", (0.0,))[0] > 0 else ""
     if engine_settings.get("wide"):  # the many-lesion photos' lower score cut keeps more boxes
         merge += f"|wide={engine_settings['wide']}"
-    margin = f"|margin={engine_settings['margin']:g}" if "margin" in engine_settings else ""  # crop context (cls_* stages)
+    # a close-up's crop context (its margin and the close-up gate) changes the classified stages
+    margin = "|margin={:g}@{:g}".format(*engine_settings["margin"]) if "margin" in engine_settings else ""
     if cls_ok and det_ok and need_two_stage:
         tags["cls_det"] = (f"{info.sha256['classifier']}|{info.sha256['detector']}|{engine_settings['thr']}|{engine_settings['max']}"
                            f"|{engine_settings.get('nest', 0.0)}|{engine_settings.get('tta', False)}{tta}{merge}{margin}", "")

@@ -133,10 +133,10 @@ def photo_sizes(pipe, dets: list[dict[str, Any]], data_root: Path | None, cache:
 
 
 def merge_tag(settings: PipelineSettings) -> str:
-    """Cache-name suffix for results that depend on the lobe-merging rule ('' when off) and on the lesion crops'
-    context margin ('' when the classifier's own)."""
-    tag = "" if settings.merge_score <= 0 else f"_m{settings.merge_score:g}-{settings.merge_iou:g}-{settings.merge_min_area:g}"
-    return tag if settings.lesion_crop_margin is None else f"{tag}_c{settings.lesion_crop_margin:g}"
+    """Cache-name suffix for results that depend on the lobe-merging rule ('' when off)."""
+    if settings.merge_score <= 0:
+        return ""
+    return f"_m{settings.merge_score:g}-{settings.merge_iou:g}-{settings.merge_min_area:g}"
 
 
 def _load(pipe, r: pd.Series, squash: bool, data_root: Path | None):
@@ -147,11 +147,16 @@ def _load(pipe, r: pd.Series, squash: bool, data_root: Path | None):
         return pipe.load(im.convert("RGB").resize((224, 224), Image.BILINEAR), name=str(path))
 
 
-def collect(pipe, rows: pd.DataFrame, study: BoxRuleStudy, data_root: Path | None, cache_dir: Path) -> list[PhotoDetections]:
-    """Detections + per-box malignancy (the shipped classifier, temperature-scaled) for every photo."""
+def collect(pipe, rows: pd.DataFrame, study: BoxRuleStudy, data_root: Path | None, cache_dir: Path,
+            margin: float | None = None) -> list[PhotoDetections]:
+    """Detections + per-box malignancy (the shipped classifier, temperature-scaled) for every photo, every crop with
+    the classifier's trained context margin, or ``margin`` (the close-up margin study of ``train hybrid``)."""
     meta = pipe.metadata["models"]
     tag = detection_tag(pipe, rows, study)
-    classified = cache_dir / f"photos_{tag}_{meta['classifier']['sha256'][:12]}{merge_tag(pipe.settings)}.pkl"
+    trained = float(pipe.classifier.config.crop_margin)
+    margin = trained if margin is None else float(margin)
+    margin_tag = "" if margin == trained else f"_c{margin:g}"
+    classified = cache_dir / f"photos_{tag}_{meta['classifier']['sha256'][:12]}{merge_tag(pipe.settings)}{margin_tag}.pkl"
     if classified.exists():  # re-deciding with other candidates costs no network run
         return pickle.loads(classified.read_bytes())
     dets = validation_detections(pipe, rows, data_root, study)
@@ -159,7 +164,7 @@ def collect(pipe, rows: pd.DataFrame, study: BoxRuleStudy, data_root: Path | Non
     for d in tqdm(dets, desc="classify detections"):
         if len(d["boxes"]):
             rgb = _load(pipe, pd.Series({"path": d["path"]}), d["squash"], data_root).rgb
-            batch = pipe._crop_batch(rgb, d["boxes"], pipe.classifier.config)
+            batch = pipe._crop_batch(rgb, d["boxes"], pipe.classifier.config, margin=margin)
             p, p_tta = pipe.classify(batch)[0], pipe.classify(batch, tta=True)[0]
         else:
             p = p_tta = np.zeros(0)

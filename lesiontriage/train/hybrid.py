@@ -18,10 +18,11 @@
    wide-field photos a ramp could touch) does not fall by more than ``scene_tolerance``.
 4. **No lesion kept.** The grid once more with photos without a kept lesion scored by the views
    alone (``no_lesion_views``) instead of 0; switched on only with a further gain >= ``min_gain``.
-5. **Crop context.** Steps 2-4 once per lesion-crop margin (``crop_margins`` and the classifier's trained one; the
-   lesion probabilities and the scenes are recomputed with that context). A margin replaces the trained one only
-   with a macro gain >= ``min_gain`` of its final rule and the validation scenes' image AUC within
-   ``scene_tolerance``; it ships as ``pipeline.lesion_crop_margin`` (every lesion crop: scores, Grad-CAM, app).
+5. **Close-up crop context.** Steps 2-4 once per lesion-crop margin (``crop_margins`` and the classifier's trained
+   one) for the lesions of close-ups (largest kept box at or above the gate; every other photo keeps the trained
+   margin: on 200 validation scenes a margin of 1.0 for every crop cut the wide-field lesions' AUC from 0.70 to
+   0.63). A margin replaces the trained one only with a macro gain >= ``min_gain`` of its final rule and the
+   validation scenes' image AUC within ``scene_tolerance``; it ships as ``pipeline.closeup_crop_margin``.
 
 Before all of this, **the whole-image view** (networks/whole_view.py), on every labelled validation photo (whole,
 as the whole-image trainer validates): each candidate member set (``--whole-image-ensemble``: every set of the
@@ -32,7 +33,7 @@ AUC over the strata and, for alpha > 0, a temperature fitted on those photos (NL
 view only with a gain >= ``min_gain``. The blend is then chosen for the view that ships.
 
 Writes ``pipeline.whole_image_weight``, ``pipeline.full_frame_weight``,
-``pipeline.closeup_min_box_fraction``, ``pipeline.closeup_ramp_from``, ``pipeline.lesion_crop_margin``,
+``pipeline.closeup_min_box_fraction``, ``pipeline.closeup_ramp_from``, ``pipeline.closeup_crop_margin``,
 ``pipeline.whole_image_members``,
 ``pipeline.whole_image_subtype_weight``, ``pipeline.whole_image_temperature``, ``pipeline.whole_image_input_size``,
 ``pipeline.whole_image_flip_tta`` and the tables under
@@ -84,8 +85,8 @@ class HybridStudy:
     # Extra input sides for the whole-image view (besides the trained one), each without and with h/v flips:
     # scripts/whole_view_tta_study.py measured 256 px + flips at +0.0054 for the three-member view; 288 px did not help.
     whole_view_sizes: tuple[int, ...] = (256,)
-    # Lesion-crop context margins besides the classifier's trained one (crop side = box side x (1 + 2 margin)); the
-    # sets without given boxes (derm7pt, SD-198) were trained on whole photos, so a close-up's crop may need more context.
+    # Close-up lesion-crop context margins besides the classifier's trained one (crop side = box side x (1 + 2 margin));
+    # the sets without given boxes (derm7pt, SD-198) were trained on whole photos, so a close-up's crop may need more.
     crop_margins: tuple[float, ...] = (0.5, 0.75, 1.0)
 
 
@@ -395,10 +396,14 @@ def _frame_views(pipe, dets: list[dict[str, Any]], data_root: Path | None, cache
     return out
 
 
-def _closeups(pipe, rows: pd.DataFrame, data_root: Path | None, cache: Path) -> list[CloseUp]:
-    """The box-rule study's cached detections + the two whole-frame views and image size per photo."""
+def _closeups(pipe, rows: pd.DataFrame, data_root: Path | None, cache: Path, closeup_margin: float | None = None,
+              gate: float = float("inf")) -> list[CloseUp]:
+    """The box-rule study's cached detections + the two whole-frame views and image size per photo; the lesions of a
+    photo at or above ``gate`` classified with ``closeup_margin`` context (None: the trained one), as the pipeline does."""
     study = BoxRuleStudy()
     photos = collect(pipe, rows, study, data_root, RUNS_DIR / "box_rule")
+    wider = collect(pipe, rows, study, data_root, RUNS_DIR / "box_rule", margin=closeup_margin) \
+        if closeup_margin is not None else photos
     dets = validation_detections(pipe, rows, data_root, study)
     if cache.exists():
         extra = pickle.loads(cache.read_bytes())
@@ -415,11 +420,12 @@ def _closeups(pipe, rows: pd.DataFrame, data_root: Path | None, cache: Path) -> 
     clf_tag = f"{pipe.clf_meta['sha256'][:12]}_tta{int(s.flip_tta)}_ens{int(pipe.second_classifier is not None)}"
     frames = _frame_views(pipe, dets, data_root, cache.parent / f"frame_{clf_tag}_{len(rows)}.pkl")
     out = []
-    for ph, e, fp in zip(photos, extra, frames):
+    for ph, ph_wide, e, fp in zip(photos, wider, extra, frames):
         keep = select_boxes(ph.boxes, ph.scores, s.detector_score_threshold, s.max_lesions, s.nested_containment, s.widefield)
-        p = ph.p_tta if s.tta_for(len(keep)) and ph.p_tta is not None else ph.p
-        out.append(CloseUp(ph.stratum, ph.y, np.asarray(p)[keep], largest_box_fraction(ph.boxes[keep], e["width"], e["height"]),
-                           e["whole_p"], fp))
+        fraction = largest_box_fraction(ph.boxes[keep], e["width"], e["height"])
+        src = ph_wide if fraction >= gate else ph
+        p = src.p_tta if s.tta_for(len(keep)) and src.p_tta is not None else src.p
+        out.append(CloseUp(ph.stratum, ph.y, np.asarray(p)[keep], fraction, e["whole_p"], fp))
     return out
 
 
@@ -444,7 +450,9 @@ def choose_blend(pipe, photos: list[CloseUp], gate: float, study: HybridStudy, s
     weight, frame_weight = choose_weights(table, study.min_gain) if np.isfinite(gate) else (0.0, 0.0)
     ramp, soft, no_lesion_views = None, {}, False
     clf_tag = f"{sha['classifier']['sha256'][:12]}_tta{int(pipe.settings.flip_tta)}_{pipe.settings.flip_tta_max_crops}"
-    scenes = _scene_views(pipe, study, RUNS_DIR / "hybrid" / f"scenes_{tag}_{clf_tag}{merge_tag(pipe.settings)}.pkl")
+    margin = pipe.settings.closeup_crop_margin  # changes a scene's lesions only if it is a close-up (none at this gate)
+    margin_tag = "" if margin is None else f"_c{margin:g}@{gate:g}"
+    scenes = _scene_views(pipe, study, RUNS_DIR / "hybrid" / f"scenes_{tag}_{clf_tag}{merge_tag(pipe.settings)}{margin_tag}.pkl")
     if np.isfinite(gate) and (weight or frame_weight):
         hard_macro = float(table[(table["whole_image_weight"] == weight) & (table["full_frame_weight"] == frame_weight)]["macro"].iloc[0])
         ramp_tables = {r: score_table(photos, pairs, gate, study.aggregate, r) for r in study.ramps}
@@ -509,8 +517,8 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
     manifest = load_manifest(manifest_path)
     if keep_whole_view:
         previous = read_metadata(models_dir).get("pipeline", {}).get("hybrid_choice", {})
-        whole_score = {**previous.get("whole_image_score", {}),
-                       "kept_from": f"{previous.get('command', '?')} ({previous.get('date', '?')})"}
+        kept = previous.get("whole_image_score", {})  # a kept record keeps naming the run that chose it
+        whole_score = {**kept, "kept_from": kept.get("kept_from") or f"{previous.get('command', '?')} ({previous.get('date', '?')})"}
     else:
         whole_score = choose_whole_score(models_dir, manifest, data_root, study, whole_image_ensemble)
     pipe = TriagePipeline.from_dir(models_dir)  # the whole-image view as chosen
@@ -524,8 +532,9 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
     blends: dict[float, BlendChoice] = {}
     for margin in sorted({trained_margin, *study.crop_margins}):
         # the trained margin runs as None (no setting written): its caches are those of every earlier study
-        pipe.settings = replace(pipe.settings, lesion_crop_margin=None if margin == trained_margin else margin)
-        photos = _closeups(pipe, rows, data_root, RUNS_DIR / "hybrid" / f"whole_{tag}.pkl")
+        closeup_margin = None if margin == trained_margin else margin
+        pipe.settings = replace(pipe.settings, closeup_crop_margin=closeup_margin, closeup_min_box_fraction=gate)
+        photos = _closeups(pipe, rows, data_root, RUNS_DIR / "hybrid" / f"whole_{tag}.pkl", closeup_margin, gate)
         blends[margin] = choose_blend(pipe, photos, gate, study, sha, tag)
     margin = choose_margin(blends, trained_margin, study)
     chosen = blends[margin]
@@ -537,7 +546,7 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
         "closeup_min_box_fraction": gate if np.isfinite(gate) else None,
         "closeup_ramp_from": ramp,
         "no_lesion_views": no_lesion_views,
-        "lesion_crop_margin": margin,
+        "closeup_crop_margin": margin,
         "crop_margins": [{"margin": m, "trained": m == trained_margin, "macro": round(b.macro, 4), "scene_auc": b.scene_auc,
                           "whole_image_weight": b.weight, "full_frame_weight": b.frame_weight, "ramp_from": b.ramp,
                           "no_lesion_views": b.no_lesion_views} for m, b in blends.items()],
@@ -548,8 +557,8 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
                       f"{study.aggregate} aggregation; a pair replaces (0, 0) only with a gain >= {study.min_gain}; a soft "
                       f"gate (ramp_from) replaces the hard one only with a further gain >= {study.min_gain} and validation "
                       f"scenes' image AUC within {study.scene_tolerance} of the hard gate's; photos without a kept "
-                      f"lesion scored by the views only with a further gain >= {study.min_gain}; all of this per lesion-crop "
-                      f"margin, a margin replacing the classifier's trained {trained_margin:g} only with a gain >= "
+                      f"lesion scored by the views only with a further gain >= {study.min_gain}; all of this per crop "
+                      f"margin of the close-ups' lesions (photos under the gate keep the trained one), a margin replacing the classifier's trained {trained_margin:g} only with a gain >= "
                       f"{study.min_gain} and validation scenes' image AUC within {study.scene_tolerance} of its"),
         "chosen_on": (f"validation split: {len(rows)} labelled photos + the HAM10000 ones squashed to 224x224; "
                       f"wide-field: {sum(w['kind'] == 'real' for w in wide)} real mole photos + "
@@ -571,7 +580,8 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
     meta["pipeline"]["closeup_min_box_fraction"] = gate if np.isfinite(gate) else 1.0
     meta["pipeline"]["closeup_ramp_from"] = ramp
     meta["pipeline"]["no_lesion_views"] = no_lesion_views
-    meta["pipeline"]["lesion_crop_margin"] = None if margin == trained_margin else margin
+    meta["pipeline"].pop("lesion_crop_margin", None)  # stop 29's first form: every crop, wide-field too
+    meta["pipeline"]["closeup_crop_margin"] = None if margin == trained_margin else margin
     meta["pipeline"]["hybrid_choice"] = record
     write_metadata(models_dir, meta)
     return record
