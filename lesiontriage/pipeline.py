@@ -465,7 +465,8 @@ class TriagePipeline:
         """The lesion's crop (box + context margin) as the classifier saw it, RGB uint8."""
         img = image if isinstance(image, LoadedImage) else self.load(image, name=name)
         box = [v * img.scale for v in lesion.box]
-        return crop_with_margin(img.rgb, box, margin=lesion.crop_margin or self.classifier.config.crop_margin, square=True)
+        margin = self.classifier.config.crop_margin if lesion.crop_margin is None else lesion.crop_margin
+        return crop_with_margin(img.rgb, box, margin=margin, square=True)
 
     def gradcam(self, image: Any, lesion_index: int, result: TriageResult | None = None, name: str | None = None) -> np.ndarray:
         """Grad-CAM overlay (RGB uint8, classifier input size) of one lesion's malignant logit."""
