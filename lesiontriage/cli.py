@@ -132,6 +132,35 @@ def data_scenes(
     console.print(f"index: {res.index_path}")
 
 
+# ---- data pseudo-boxes (lesiontriage/data/pseudo_boxes.py) ------------------------------------
+@data_app.command("pseudo-boxes")
+def data_pseudo_boxes(
+    sources: str = typer.Option("derm7pt,sd198_tumour_subset", "--sources", help="Comma-separated box-less sets"),
+    splits: str = typer.Option("train,val", "--splits", help="Comma-separated manifest splits (never test for training)"),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest parquet (default runs/data/manifest.parquet)"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Shared data folder"),
+) -> None:
+    """The shipped detector's largest kept box for every photo of box-less sets (cached in runs/data/)."""
+    from lesiontriage.data.manifest import load_manifest
+    from lesiontriage.data.pseudo_boxes import build_pseudo_boxes, cache_path
+    from lesiontriage.errors import LesionTriageError
+    from lesiontriage.pipeline import TriagePipeline
+
+    try:
+        m = load_manifest(manifest)
+        rows = m[m["source"].isin(sources.split(",")) & m["split"].isin(splits.split(","))]
+        if rows.empty:
+            _fail(f"no manifest rows of {sources} in splits {splits}")
+        pipe = TriagePipeline.from_dir(load_image_classifier=False)
+        cache = cache_path(pipe.metadata["models"]["detector"]["sha256"])
+        table = build_pseudo_boxes(pipe, rows, cache, data_root)
+    except (LesionTriageError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    boxed = table["box"].notna()
+    console.print(f"{int(boxed.sum())} of {len(table)} photos got a pseudo-box (median box fraction "
+                  f"{table.loc[boxed, 'box_fraction'].median():.3f}); cache: {cache}")
+
+
 # ---- more commands are registered below (scenes, train, predict, evaluate, bench) -------------
 
 # ---- bench ------------------------------------------------------------------------------------

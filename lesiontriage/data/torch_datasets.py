@@ -60,14 +60,15 @@ class LesionImageDataset(Dataset):
     ``mode='crop'`` crops the labelled box (+ margin) when the row has one, else uses the whole
     image (derm7pt, SD-198: the lesion is centred and fills much of the frame). ``mode='whole'``
     always uses the whole image (the direct whole-image baseline). ``whole_frame_prob`` (training,
-    crop mode): that share of the boxed rows' samples show the whole photo instead of the crop.
+    crop mode): that share of the boxed rows' samples show the whole photo instead of the crop; one number for
+    every row or one per row (pseudo-boxed rows may show the whole photo more often than labelled boxes).
     """
 
     def __init__(self, rows: pd.DataFrame, *, input_size: int, mean, std, train: bool, mode: str = "crop",
                  margin: float = 0.25, data_root: Path | None = None, images: list[np.ndarray] | None = None,
-                 seed: int = 0, whole_frame_prob: float = 0.0) -> None:
+                 seed: int = 0, whole_frame_prob: float | Sequence[float] = 0.0) -> None:
         self.rows = rows.reset_index(drop=True)
-        self.whole_frame_prob = float(whole_frame_prob)
+        self.whole_frame_prob = np.broadcast_to(np.asarray(whole_frame_prob, dtype=float), (len(self.rows),))
         self.train = train
         self.mode = mode
         self.margin = margin
@@ -102,7 +103,7 @@ class LesionImageDataset(Dataset):
         """The pixels the classifier sees for row ``i`` (jittered when an rng is given)."""
         img = self.images[i]
         box = self.boxes[i]
-        if box is None or (rng is not None and rng.uniform() < self.whole_frame_prob):
+        if box is None or (rng is not None and rng.uniform() < self.whole_frame_prob[i]):
             return img
         margin = self.margin
         if rng is not None:

@@ -62,6 +62,11 @@ class ClassifierTrainConfig:
     # Crop mode: share of boxed training rows shown as the whole photo instead of the box crop. The product's
     # close-up score leans on the lesion classifier run on the whole photo (hybrid.py, full-frame view).
     whole_frame_prob: float = 0.0
+    # Crop mode: sources whose box-less rows get the shipped detector's box (data/pseudo_boxes.py), so the classifier
+    # trains on the crop the product shows it; those rows show the whole photo with ``pseudo_whole_prob`` instead
+    # (the full-frame view of the close-up blend still runs this classifier on whole photos).
+    pseudo_box_sources: list[str] = field(default_factory=list)
+    pseudo_whole_prob: float = 0.5
 
 
 def _sample_weights(rows: pd.DataFrame, shares: dict[str, float]) -> np.ndarray:
@@ -141,10 +146,15 @@ class ClassifierTrainer:
         torch.set_num_threads(max(1, torch.get_num_threads()))
         self.train_rows = select_rows(self.manifest, "train", cfg.sources)
         self.val_rows = select_rows(self.manifest, "val", cfg.sources)
+        if cfg.pseudo_box_sources and cfg.mode == "crop":
+            self.train_rows, self.val_rows = self._with_pseudo_boxes(self.train_rows, self.val_rows)
         common = dict(input_size=self.net_cfg.input_size, mean=self.net_cfg.mean, std=self.net_cfg.std, mode=cfg.mode,
                       margin=self.net_cfg.crop_margin, data_root=data_root)
         log.info("decoding %d train + %d val images", len(self.train_rows), len(self.val_rows))
-        self.train_ds = LesionImageDataset(self.train_rows, train=True, seed=cfg.seed, whole_frame_prob=cfg.whole_frame_prob,
+        whole_prob = np.full(len(self.train_rows), cfg.whole_frame_prob)
+        if "pseudo_box" in self.train_rows:
+            whole_prob[self.train_rows["pseudo_box"].to_numpy(bool)] = cfg.pseudo_whole_prob
+        self.train_ds = LesionImageDataset(self.train_rows, train=True, seed=cfg.seed, whole_frame_prob=whole_prob,
                                            **common)
         self.val_ds = LesionImageDataset(self.val_rows, train=False, **common)
         self.weights = _sample_weights(self.train_rows, cfg.source_shares)
@@ -155,6 +165,21 @@ class ClassifierTrainer:
         if cfg.init_from:
             self.model.load_state_dict(load_shipped_state(cfg.init_from))
         self.steps_per_epoch = cfg.epoch_samples // cfg.batch_size
+
+    def _with_pseudo_boxes(self, *splits: pd.DataFrame) -> list[pd.DataFrame]:
+        """Each split's rows with the shipped detector's pseudo-boxes for ``pseudo_box_sources`` (cached per
+        detector; built here when missing, ~0.2 s per photo)."""
+        from lesiontriage.data.pseudo_boxes import apply_pseudo_boxes, build_pseudo_boxes, cache_path
+        from lesiontriage.pipeline import TriagePipeline
+
+        pipe = TriagePipeline.from_dir(load_image_classifier=False)
+        wanted = pd.concat([r[r["source"].isin(self.cfg.pseudo_box_sources)] for r in splits], ignore_index=True)
+        table = build_pseudo_boxes(pipe, wanted, cache_path(pipe.metadata["models"]["detector"]["sha256"]), self.data_root)
+        out = [apply_pseudo_boxes(r, table, self.cfg.pseudo_box_sources) for r in splits]
+        for name, r in zip(("train", "val"), out):
+            log.info("%s: %d rows cropped by a pseudo-box", name, int(r["pseudo_box"].sum()))
+            print(f"{name}: {int(r['pseudo_box'].sum())} of {len(r)} rows cropped by a detector pseudo-box", flush=True)
+        return out
 
     def _epoch_indices(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng(self.cfg.seed * 1000 + epoch)

@@ -1,0 +1,88 @@
+"""Detector pseudo-boxes for box-less labelled sets (data/pseudo_boxes.py) and their use in classifier training."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from lesiontriage.data.pseudo_boxes import apply_pseudo_boxes, build_pseudo_boxes, cache_path, pseudo_box
+from lesiontriage.errors import UnreadableImageError
+from lesiontriage.imaging import load_image
+
+
+class _FakePipe:
+    """Detects a fixed set of boxes in loaded-image pixels; the loader halves every photo (a downscaling decode)."""
+
+    def __init__(self, boxes: np.ndarray) -> None:
+        self.boxes = boxes
+        self.detected = 0
+
+    def load(self, path):
+        img = load_image(path)
+        if img.rgb.shape[0] < 40:
+            raise UnreadableImageError(f"{path}: too small to read")
+        img.rgb = img.rgb[::2, ::2]
+        return img
+
+    def detect(self, rgb):
+        self.detected += 1
+        return self.boxes.copy(), np.linspace(0.9, 0.6, len(self.boxes)).astype(np.float32)
+
+
+def _photo(root, name: str, size=(120, 80)) -> str:
+    (root / "derm7pt" / "images").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0], 3), 150, np.uint8)).save(root / "derm7pt" / "images" / name)
+    return f"derm7pt/images/{name}"
+
+
+def test_pseudo_box_is_the_largest_kept_box_in_stored_pixels(tmp_path):
+    path = _photo(tmp_path, "a.jpg")
+    boxes = np.array([[0, 0, 10, 10], [5, 5, 45, 35], [20, 20, 25, 25]], np.float32)  # loaded (halved) pixels
+    pb = pseudo_box(_FakePipe(boxes), path, (120, 80), data_root=tmp_path)
+    assert pb.box == [10.0, 10.0, 90.0, 70.0]  # the 40x30 box, doubled back to the stored 120x80 image
+    assert pb.n_kept == 3
+    assert abs(pb.detector_score - 0.75) < 1e-6  # the score of that box, not of the best-scored one
+    assert abs(pb.box_fraction - (40 * 30) / (60 * 40)) < 1e-6
+
+
+def test_pseudo_box_cache_is_reused_and_bad_photos_get_no_box(tmp_path, capsys):
+    rows = pd.DataFrame({"path": [_photo(tmp_path, "a.jpg"), _photo(tmp_path, "b.jpg", (60, 30))],
+                         "width": [120, 60], "height": [80, 30]})
+    pipe = _FakePipe(np.array([[5, 5, 45, 35]], np.float32))
+    cache = cache_path("ab" * 32, runs_dir=tmp_path / "runs")
+    table = build_pseudo_boxes(pipe, rows, cache, data_root=tmp_path)
+    assert cache.exists() and pipe.detected == 1  # b.jpg could not be read: no detection, no crash
+    assert table.set_index("path").loc[rows["path"][1], "box"] is None
+    assert "b.jpg" in capsys.readouterr().out
+    again = build_pseudo_boxes(pipe, rows.iloc[:1], cache, data_root=tmp_path)
+    assert pipe.detected == 1 and len(again) == 1  # read from the cache, only the asked rows
+
+
+def test_apply_pseudo_boxes_fills_only_boxless_rows_of_the_named_sources():
+    rows = pd.DataFrame({
+        "source": ["derm7pt", "derm7pt", "ham10000", "sd198_tumour_subset", "derm7pt"],
+        "path": ["d1", "d2", "h1", "s1", "d3"],
+        "boxes": [[], [[1.0, 2.0, 3.0, 4.0]], [], [], []],
+    })
+    table = pd.DataFrame({"path": ["d1", "d2", "h1", "s1", "d3"],
+                          "box": [[0.0, 0.0, 5.0, 5.0], [9.0, 9.0, 9.5, 9.5], [1.0, 1.0, 2.0, 2.0], [2.0, 2.0, 6.0, 6.0], None]})
+    out = apply_pseudo_boxes(rows, table, ["derm7pt"])
+    assert out["pseudo_box"].tolist() == [True, False, False, False, False]
+    assert out["boxes"][0] == [[0.0, 0.0, 5.0, 5.0]]
+    assert out["boxes"][1] == [[1.0, 2.0, 3.0, 4.0]]  # a given box is never replaced
+    assert out["boxes"][3] == [] and out["boxes"][4] == []  # another source; no box kept
+    assert rows["boxes"][0] == []  # the input is not modified
+
+
+def test_per_row_whole_frame_share():
+    """Pseudo-boxed rows may show the whole photo more often than rows with a given box."""
+    from lesiontriage.data.torch_datasets import LesionImageDataset
+
+    img = np.zeros((100, 160, 3), np.uint8)
+    rows = pd.DataFrame({"path": ["x.jpg", "y.jpg"], "boxes": [[[70.0, 40.0, 90.0, 60.0]]] * 2,
+                         "malignant": [1, 0], "diagnosis": ["MEL", "NV"]})
+    ds = LesionImageDataset(rows, train=True, whole_frame_prob=[0.0, 1.0], input_size=32, mean=(0.5,) * 3,
+                            std=(0.5,) * 3, mode="crop", images=[img, img])
+    rng = np.random.default_rng(0)
+    assert ds.region(0, rng).shape[:2] != img.shape[:2]
+    assert ds.region(1, rng).shape == img.shape
