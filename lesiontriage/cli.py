@@ -434,7 +434,8 @@ def train(
             crop = f"{r['crop_macro_auc']:.4f}" if r["crop_macro_auc"] is not None else "-"
             console.print(f"{r['name']:14s} epoch {r['epoch']}  crop macro {crop}  frame view {r['frame_macro_auc']:.4f}  "
                           f"product {r['product_macro_auc']:.4f} (whole {r['whole_image_weight']}, frame "
-                          f"{r['full_frame_weight']})  {r['by_stratum']}")
+                          f"{r['full_frame_weight']})  scene lesions {r['scene_lesion_auc']} (n {r['scene_lesions']})  "
+                          f"{r['by_stratum']}")
         return
     if model == "detector":
         from lesiontriage.train.detector import run_training

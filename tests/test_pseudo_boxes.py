@@ -86,3 +86,36 @@ def test_per_row_whole_frame_share():
     rng = np.random.default_rng(0)
     assert ds.region(0, rng).shape[:2] != img.shape[:2]
     assert ds.region(1, rng).shape == img.shape
+
+
+def test_scene_lesion_auc_scores_given_boxes_with_moles_as_benign(tmp_path):
+    """The product check's wide-field guard: every labelled box of the validation scenes, in decoded pixels."""
+    from lesiontriage.train.product_check import scene_lesion_auc, validation_scene_dirs
+
+    scene_dir = tmp_path / "runs" / "scenes" / "val_11"
+    scene_dir.mkdir(parents=True)
+    Image.fromarray(np.full((100, 200, 3), 120, np.uint8)).save(scene_dir / "s0.jpg")
+    pd.DataFrame({"path": ["s0.jpg"], "synthetic": [True],
+                  "boxes": [[[10.0, 10.0, 30.0, 30.0], [50.0, 10.0, 70.0, 30.0], [100.0, 50.0, 120.0, 70.0],
+                             [150.0, 50.0, 170.0, 70.0]]],
+                  "box_kind": [["pasted", "pasted", "background_mole", "pasted"]],
+                  "box_malignant": [[1, 0, None, None]]}).to_parquet(scene_dir / "scenes.parquet")
+    (tmp_path / "runs" / "scenes" / "test").mkdir()
+
+    class Pipe:
+        seen: list = []
+
+        def load(self, path):
+            img = load_image(path)
+            img.scale = 0.5  # a downscaling decode: boxes must follow it
+            return img
+
+        def lesion_probabilities(self, rgb, boxes):
+            self.seen.append(boxes.copy())
+            return np.array([0.9, 0.2, 0.4]), np.zeros((3, 8))
+
+    assert validation_scene_dirs(tmp_path / "runs") == [scene_dir]
+    auc, n = scene_lesion_auc(Pipe(), [scene_dir])
+    assert n == 3  # the unlabelled pasted lesion is left out, the mole counts as benign
+    assert auc == 1.0  # malignant 0.9 above benign 0.2 and 0.4
+    assert np.allclose(Pipe.seen[0][2], [50.0, 25.0, 60.0, 35.0])

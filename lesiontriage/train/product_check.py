@@ -13,6 +13,13 @@ the kept detections (the box-rule study's cached detector output) and the whole 
 validation photo of ``train hybrid``, and re-runs the shipped close-up grid (gate, ramp, no-lesion
 views; every weight pair): macro ROC AUC over the source x modality strata, next to the shipped
 classifier's. Writes ``runs/<name>/product_check.json``.
+
+The close-up grid cannot see wide-field photos, where the lesion classifier alone makes the score, so each candidate
+also gets the **per-lesion ROC AUC on the labelled validation scenes** (every ``scenes.parquet`` under
+``runs/scenes/val*/``: pasted lesions with their labels, background moles as benign, crops of the given boxes with
+the shipped margin): a candidate that raises the close-up score by reading box crops differently may lower it there
+(session 15: a margin of 1.0 on every crop raised the close-up macro AUC +0.013 and cut this from 0.70 to 0.63).
+``lesiontriage data scenes --n 160 --seed 11 --split val --out runs/scenes/val_11`` adds scenes to it.
 """
 from __future__ import annotations
 
@@ -50,6 +57,43 @@ class ProductScore:
     whole_image_weight: float
     full_frame_weight: float
     by_stratum: dict[str, float]
+    scene_lesion_auc: float | None = None  # validation scenes' lesions (None without scenes)
+    scene_lesions: int = 0
+
+
+def scene_lesion_auc(pipe, scene_dirs: list[Path]) -> tuple[float | None, int]:
+    """(ROC AUC, lesions) of the pipeline's lesion probabilities on the given boxes of labelled validation scenes:
+    pasted lesions with a label, background moles benign, unlabelled pasted lesions left out."""
+    from sklearn.metrics import roc_auc_score
+
+    from lesiontriage.data.scenes import load_scene_index
+
+    ys, ps = [], []
+    for d in scene_dirs:
+        index = load_scene_index(d / "scenes.parquet")
+        for _, r in tqdm(list(index.iterrows()), desc=f"scene lesions ({d.name})", leave=False):
+            kinds = r.get("box_kind")
+            kinds = ["pasted"] * len(r["boxes"]) if kinds is None else list(kinds)
+            labels = [0 if k == "background_mole" else m for k, m in zip(kinds, r["box_malignant"])]
+            keep = [i for i, m in enumerate(labels) if m is not None]
+            if not keep:
+                continue
+            img = pipe.load(r["abs_path"])
+            boxes = np.asarray([r["boxes"][i] for i in keep], dtype=np.float32) * img.scale
+            ps.extend(pipe.lesion_probabilities(img.rgb, boxes)[0].tolist())
+            ys.extend(int(labels[i]) for i in keep)
+    if not ys or len(set(ys)) < 2:
+        return None, len(ys)
+    return float(roc_auc_score(ys, ps)), len(ys)
+
+
+def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def validation_scene_dirs(runs_dir: Path = RUNS_DIR) -> list[Path]:
+    """Every folder of labelled validation scenes under ``runs/scenes/`` (``val``, ``val_11``, ...)."""
+    return sorted(p.parent for p in (runs_dir / "scenes").glob("val*/scenes.parquet"))
 
 
 def stratum_macro(photos: list[CloseUp], values: list[float]) -> float:
@@ -103,12 +147,18 @@ def check_run(config_path: str, models_dir: Path = MODELS_DIR, manifest_path: Pa
     tag = f"{meta['detector']['sha256'][:12]}_{whole_view_spec(pipe.metadata).sha256[:12]}_{len(rows)}"
     base = _closeups(pipe, rows, data_root, RUNS_DIR / "hybrid" / f"whole_{tag}.pkl")
     dets = validation_detections(pipe, rows, data_root)
+    scene_dirs = validation_scene_dirs()
     results = [product_score("shipped", base, pipe.settings, temperature=float(pipe.clf_meta.get("temperature", 1.0)))]
+    results[0].scene_lesion_auc, results[0].scene_lesions = scene_lesion_auc(pipe, scene_dirs)
     trainer = ClassifierTrainer.__new__(ClassifierTrainer)  # its validation crops, without building a model
     ClassifierTrainer.__init__(trainer, cfg, manifest_path=manifest_path, data_root=data_root)
     y = trainer.val_rows["malignant"].astype(int).to_numpy()
+    checked: list[dict[str, torch.Tensor]] = []
     for path in candidates:
         state = torch.load(path, map_location="cpu", weights_only=False)
+        if any(_same_weights(state["model"], seen) for seen in checked):
+            continue  # checkpoint.pt of a run whose last epoch was its best: the same weights as best.pt
+        checked.append(state["model"])
         pipe.classifier.load_state_dict(state["model"])
         pipe.classifier.eval()
         logits, _ = predict_logits(pipe.classifier, trainer.val_ds, flip_tta=False, bf16=False)
@@ -117,7 +167,10 @@ def check_run(config_path: str, models_dir: Path = MODELS_DIR, manifest_path: Pa
         photos = _candidate_photos(pipe, base, dets, data_root)
         results.append(product_score(path.name, photos, pipe.settings, state.get("epoch"), temperature,
                                      float(strata_auc(trainer.val_rows, logits)["macro"])))
+        results[-1].scene_lesion_auc, results[-1].scene_lesions = scene_lesion_auc(pipe, scene_dirs)
     record = {"run": cfg.name, "config": str(config_path), "results": [asdict(r) for r in results],
-              "note": "validation only; export a candidate only if its product_macro_auc beats the shipped one"}
+              "scene_dirs": [str(d) for d in scene_dirs],
+              "note": "validation only; export a candidate only if its product_macro_auc beats the shipped one and its "
+                      "scene_lesion_auc does not fall"}
     (run_dir / "product_check.json").write_text(json.dumps(record, indent=2))
     return record
