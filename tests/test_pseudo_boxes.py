@@ -119,3 +119,51 @@ def test_scene_lesion_auc_scores_given_boxes_with_moles_as_benign(tmp_path):
     assert n == 3  # the unlabelled pasted lesion is left out, the mole counts as benign
     assert auc == 1.0  # malignant 0.9 above benign 0.2 and 0.4
     assert np.allclose(Pipe.seen[0][2], [50.0, 25.0, 60.0, 35.0])
+
+
+def test_classifier_trainer_crops_boxless_rows_by_pseudo_boxes(tmp_path, monkeypatch):
+    """pseudo_box_sources: derm7pt rows get the detector's box in train and val; their whole-photo share is
+    pseudo_whole_prob while boxed rows keep whole_frame_prob."""
+    import lesiontriage.data.pseudo_boxes as pb
+    import lesiontriage.pipeline as pipeline
+    import lesiontriage.train.classifier as clf
+    from lesiontriage.data.manifest import write_manifest
+    from lesiontriage.train.classifier import ClassifierTrainConfig, ClassifierTrainer
+
+    root = tmp_path / "data"
+    rows = []
+    for i in range(12):
+        src = "derm7pt" if i % 2 else "ham10000"
+        (root / src / "images").mkdir(parents=True, exist_ok=True)
+        name = f"{src}/images/p{i}.jpg"
+        Image.fromarray(np.full((80, 120, 3), 100 + i, np.uint8)).save(root / name)
+        rows.append(dict(path=name, source=src, modality="clinical" if src == "derm7pt" else "dermoscopy",
+                         image_id=f"p{i}", lesion_id=f"L{i}", patient_id=None, group_id=f"g{i}",
+                         diagnosis="MEL" if i % 3 == 0 else "NV", source_label="x", malignant=int(i % 3 == 0),
+                         boxes=[] if src == "derm7pt" else [[10.0, 10.0, 50.0, 40.0]], width=120, height=80,
+                         split="val" if i >= 8 else "train"))
+    df = pd.DataFrame(rows)
+    df["malignant"] = df["malignant"].astype("Int8")
+    write_manifest(df, tmp_path / "manifest.parquet")
+
+    class Pipe(_FakePipe):
+        metadata = {"models": {"detector": {"sha256": "cd" * 32}}}
+
+        def load(self, path):
+            return load_image(path)
+
+    monkeypatch.setattr(pipeline.TriagePipeline, "from_dir", classmethod(lambda cls, *a, **k: Pipe(np.array([[20, 20, 60, 50]], np.float32))))
+    monkeypatch.setattr(pb, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setattr(clf, "RUNS_DIR", tmp_path / "runs")
+    cfg = ClassifierTrainConfig(name="t", network={"input_size": 32}, sources=["ham10000", "derm7pt"],
+                                source_shares={"ham10000": 0.5, "derm7pt": 0.5}, pseudo_box_sources=["derm7pt"],
+                                pseudo_whole_prob=0.7, whole_frame_prob=0.1, bf16=False, num_workers=0)
+    trainer = ClassifierTrainer(cfg, manifest_path=tmp_path / "manifest.parquet", data_root=root)
+    tr = trainer.train_rows
+    assert tr["pseudo_box"].tolist() == (tr["source"] == "derm7pt").tolist()
+    assert all(b == [[20.0, 20.0, 60.0, 50.0]] for b in tr.loc[tr["pseudo_box"], "boxes"])
+    assert trainer.val_rows["pseudo_box"].sum() == (trainer.val_rows["source"] == "derm7pt").sum() > 0
+    probs = dict(zip(tr["source"], trainer.train_ds.whole_frame_prob))
+    assert probs == {"derm7pt": 0.7, "ham10000": 0.1}
+    assert (tmp_path / "runs" / "data" / f"pseudo_boxes_{'cd' * 6}.parquet").exists()
+    assert trainer.val_ds.region(int(np.flatnonzero(trainer.val_rows["pseudo_box"])[0])).shape[:2] != (80, 120)

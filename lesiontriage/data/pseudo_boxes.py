@@ -40,9 +40,9 @@ class PseudoBox:
     box_fraction: float  # box area / photo area (0 when no box was kept)
 
 
-def cache_path(detector_sha256: str, runs_dir: Path = RUNS_DIR) -> Path:
+def cache_path(detector_sha256: str, runs_dir: Path | None = None) -> Path:
     """One cache per detector: another detector keeps other boxes."""
-    return runs_dir / "data" / f"pseudo_boxes_{detector_sha256[:12]}.parquet"
+    return (runs_dir or RUNS_DIR) / "data" / f"pseudo_boxes_{detector_sha256[:12]}.parquet"
 
 
 def pseudo_box(pipe: Any, path: str, stored_size: tuple[int, int], data_root: Path | None = None) -> PseudoBox:
