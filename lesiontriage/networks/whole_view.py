@@ -30,6 +30,11 @@ Cost: two members x three views at 1.3x the pixels, 124 ms per close-up (``lesio
 0.60 s end to end) against ~70 ms for the three-member view run once at 224 px (eager, 2-core CPU); a photo whose
 largest kept box is under the soft gate's start (a wide-field photo of moles) never runs the view.
 
+**Why a fixed mean and not a learned combination:** ``scripts/whole_view_stack_study.py`` (2026-12-07, 1,710
+validation photos, 5-fold cross-validation) fitted logistic regressions over the members' binary logits, sub-type
+masses and all 8 sub-type log-probabilities (also with the third member and the lesion classifier's frame view): the
+best, 0.8990, did not beat this mean's 0.8996, and every stacker on sub-type log-probabilities fell to 0.879-0.894.
+
 Everything that caches or calibrates whole-image outputs (evaluation, the hybrid study) keys them on
 :func:`whole_view_spec`, so a single model, the ensemble and each score definition never share a cache entry.
 """
