@@ -142,7 +142,7 @@ def data_pseudo_boxes(
 ) -> None:
     """The shipped detector's largest kept box for every photo of box-less sets (cached in runs/data/)."""
     from lesiontriage.data.manifest import load_manifest
-    from lesiontriage.data.pseudo_boxes import build_pseudo_boxes, cache_path
+    from lesiontriage.data.pseudo_boxes import build_pseudo_boxes, pipeline_cache_path
     from lesiontriage.errors import LesionTriageError
     from lesiontriage.pipeline import TriagePipeline
 
@@ -152,7 +152,7 @@ def data_pseudo_boxes(
         if rows.empty:
             _fail(f"no manifest rows of {sources} in splits {splits}")
         pipe = TriagePipeline.from_dir(load_image_classifier=False)
-        cache = cache_path(pipe.metadata["models"]["detector"]["sha256"])
+        cache = pipeline_cache_path(pipe)
         table = build_pseudo_boxes(pipe, rows, cache, data_root)
     except (LesionTriageError, FileNotFoundError) as exc:
         _fail(str(exc))

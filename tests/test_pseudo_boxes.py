@@ -50,6 +50,7 @@ def test_pseudo_box_cache_is_reused_and_bad_photos_get_no_box(tmp_path, capsys):
                          "width": [120, 60], "height": [80, 30]})
     pipe = _FakePipe(np.array([[5, 5, 45, 35]], np.float32))
     cache = cache_path("ab" * 32, runs_dir=tmp_path / "runs")
+    assert cache_path("ab" * 32, "r1") != cache_path("ab" * 32, "r2")  # another box rule, another cache
     table = build_pseudo_boxes(pipe, rows, cache, data_root=tmp_path)
     assert cache.exists() and pipe.detected == 1  # b.jpg could not be read: no detection, no crash
     assert table.set_index("path").loc[rows["path"][1], "box"] is None
@@ -148,6 +149,7 @@ def test_classifier_trainer_crops_boxless_rows_by_pseudo_boxes(tmp_path, monkeyp
 
     class Pipe(_FakePipe):
         metadata = {"models": {"detector": {"sha256": "cd" * 32}}}
+        box_selection = "rule"
 
         def load(self, path):
             return load_image(path)
@@ -165,5 +167,5 @@ def test_classifier_trainer_crops_boxless_rows_by_pseudo_boxes(tmp_path, monkeyp
     assert trainer.val_rows["pseudo_box"].sum() == (trainer.val_rows["source"] == "derm7pt").sum() > 0
     probs = dict(zip(tr["source"], trainer.train_ds.whole_frame_prob))
     assert probs == {"derm7pt": 0.7, "ham10000": 0.1}
-    assert (tmp_path / "runs" / "data" / f"pseudo_boxes_{'cd' * 6}.parquet").exists()
+    assert len(list((tmp_path / "runs" / "data").glob(f"pseudo_boxes_{'cd' * 6}_*.parquet"))) == 1
     assert trainer.val_ds.region(int(np.flatnonzero(trainer.val_rows["pseudo_box"])[0])).shape[:2] != (80, 120)

@@ -13,6 +13,7 @@ reads it (and builds what is missing).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,9 +41,16 @@ class PseudoBox:
     box_fraction: float  # box area / photo area (0 when no box was kept)
 
 
-def cache_path(detector_sha256: str, runs_dir: Path | None = None) -> Path:
-    """One cache per detector: another detector keeps other boxes."""
-    return (runs_dir or RUNS_DIR) / "data" / f"pseudo_boxes_{detector_sha256[:12]}.parquet"
+def cache_path(detector_sha256: str, rule_tag: str = "", runs_dir: Path | None = None) -> Path:
+    """One cache per detector and box-selection rule: either one changes which box is kept."""
+    suffix = f"_{rule_tag}" if rule_tag else ""
+    return (runs_dir or RUNS_DIR) / "data" / f"pseudo_boxes_{detector_sha256[:12]}{suffix}.parquet"
+
+
+def pipeline_cache_path(pipe: Any) -> Path:
+    """The cache of ``pipe``'s detector under its box-selection rule (lobe merging, score cuts, nested parts)."""
+    rule = hashlib.sha256(repr(pipe.box_selection).encode()).hexdigest()[:8]
+    return cache_path(pipe.metadata["models"]["detector"]["sha256"], rule)
 
 
 def pseudo_box(pipe: Any, path: str, stored_size: tuple[int, int], data_root: Path | None = None) -> PseudoBox:

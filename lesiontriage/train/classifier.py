@@ -169,12 +169,12 @@ class ClassifierTrainer:
     def _with_pseudo_boxes(self, *splits: pd.DataFrame) -> list[pd.DataFrame]:
         """Each split's rows with the shipped detector's pseudo-boxes for ``pseudo_box_sources`` (cached per
         detector; built here when missing, ~0.2 s per photo)."""
-        from lesiontriage.data.pseudo_boxes import apply_pseudo_boxes, build_pseudo_boxes, cache_path
+        from lesiontriage.data.pseudo_boxes import apply_pseudo_boxes, build_pseudo_boxes, pipeline_cache_path
         from lesiontriage.pipeline import TriagePipeline
 
         pipe = TriagePipeline.from_dir(load_image_classifier=False)
         wanted = pd.concat([r[r["source"].isin(self.cfg.pseudo_box_sources)] for r in splits], ignore_index=True)
-        table = build_pseudo_boxes(pipe, wanted, cache_path(pipe.metadata["models"]["detector"]["sha256"]), self.data_root)
+        table = build_pseudo_boxes(pipe, wanted, pipeline_cache_path(pipe), self.data_root)
         out = [apply_pseudo_boxes(r, table, self.cfg.pseudo_box_sources) for r in splits]
         for name, r in zip(("train", "val"), out):
             log.info("%s: %d rows cropped by a pseudo-box", name, int(r["pseudo_box"].sum()))
