@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lesiontriage.data.manifest import load_manifest, manifest_hash
+from lesiontriage.data.seven_point import CRITERIA as SEVEN_POINT_CRITERIA
+from lesiontriage.data.seven_point import masked_bce, seven_point_targets
 from lesiontriage.data.torch_datasets import LesionImageDataset
 from lesiontriage.networks.classifier import ClassifierConfig, LesionClassifier
 from lesiontriage.paths import RUNS_DIR
@@ -67,6 +69,23 @@ class ClassifierTrainConfig:
     # (the full-frame view of the close-up blend still runs this classifier on whole photos).
     pseudo_box_sources: list[str] = field(default_factory=list)
     pseudo_whole_prob: float = 0.5
+    # Weight of an auxiliary loss: predict derm7pt's seven dermoscopic criteria (data/seven_point.py) from either photo
+    # of a case, through a training-only head on the pooled features (not exported). 0 = off.
+    seven_point_weight: float = 0.0
+
+
+class IndexedSamples(torch.utils.data.Dataset):
+    """A dataset's samples with their row index appended, for per-row targets kept outside the dataset."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        i = self.indices[k]
+        return (*self.dataset[i], i)
 
 
 def _sample_weights(rows: pd.DataFrame, shares: dict[str, float]) -> np.ndarray:
@@ -165,6 +184,13 @@ class ClassifierTrainer:
         if cfg.init_from:
             self.model.load_state_dict(load_shipped_state(cfg.init_from))
         self.steps_per_epoch = cfg.epoch_samples // cfg.batch_size
+        # Training-only auxiliary head (seven_point_weight > 0): never part of the exported weights.
+        self.aux_head: nn.Module | None = None
+        if cfg.seven_point_weight > 0:
+            self.aux_targets = torch.from_numpy(seven_point_targets(self.train_rows))
+            self.aux_head = nn.Linear(self.model.trunk.num_features, len(SEVEN_POINT_CRITERIA))
+            print(f"seven-point auxiliary loss (weight {cfg.seven_point_weight}) on "
+                  f"{int((~torch.isnan(self.aux_targets)).any(1).sum())} training rows", flush=True)
 
     def _with_pseudo_boxes(self, *splits: pd.DataFrame) -> list[pd.DataFrame]:
         """Each split's rows with the shipped detector's pseudo-boxes for ``pseudo_box_sources`` (cached per
@@ -186,7 +212,8 @@ class ClassifierTrainer:
         return rng.choice(len(self.train_rows), size=self.steps_per_epoch * self.cfg.batch_size, replace=True, p=self.weights)
 
     def _optimizer(self, warmup: bool):
-        heads = [p for h in self.model.heads() for p in h.parameters()]
+        heads = [p for h in [*self.model.heads(), *([self.aux_head] if self.aux_head is not None else [])]
+                 for p in h.parameters()]
         if warmup:
             for p in self.model.trunk.parameters():
                 p.requires_grad_(False)
@@ -198,6 +225,9 @@ class ClassifierTrainer:
             {"params": heads, "lr": self.cfg.head_lr / 3},
         ], weight_decay=self.cfg.weight_decay)
 
+    def _aux_state(self) -> dict[str, torch.Tensor] | None:
+        return self.aux_head.state_dict() if self.aux_head is not None else None
+
     def _score_start_point(self, best_path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Validation AUC of the init_from weights, saved as best.pt (epoch -1)."""
         mal_logits, _ = predict_logits(self.model, self.val_ds, bf16=self.cfg.bf16, flip_tta=False)
@@ -207,6 +237,18 @@ class ClassifierTrainer:
         entry = {"epoch": -1, "warmup": False, "init_from": self.cfg.init_from, "val_auc": aucs, "improved": True, "minutes": 0.0}
         return [entry], {"score": aucs["macro"], "epoch": -1, "val_auc": aucs}
 
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Binary + weighted sub-type loss, plus the seven-point auxiliary loss when it is on."""
+        cfg = self.cfg
+        with autocast(cfg.bf16):
+            f = self.model.dropout(self.model.features(x))
+            mal, subl = self.model.malignant_head(f).squeeze(-1), self.model.subtype_head(f)
+            aux = self.aux_head(f) if self.aux_head is not None else None
+        loss = self.bce(mal.float(), y) + cfg.subtype_loss_weight * self.ce(subl.float(), s)
+        if aux is not None:
+            loss = loss + cfg.seven_point_weight * masked_bce(aux.float(), self.aux_targets[rows])
+        return loss
+
     def fit(self, resume: bool = False) -> dict[str, Any]:
         cfg = self.cfg
         ckpt_path, best_path = self.run_dir / "checkpoint.pt", self.run_dir / "best.pt"
@@ -215,6 +257,8 @@ class ClassifierTrainer:
         start_epoch, start_step, history, best = 0, 0, [], {"score": -1.0, "epoch": -1}
         if state:
             self.model.load_state_dict(state["model"])
+            if self.aux_head is not None and state.get("aux_head"):
+                self.aux_head.load_state_dict(state["aux_head"])
             start_epoch, start_step, history, best = state["epoch"], state["step"], state["history"], state["best"]
             log.info("resuming at epoch %d step %d", start_epoch, start_step)
         if not state and cfg.init_from:
@@ -240,7 +284,7 @@ class ClassifierTrainer:
                     sched.step()
             idx = self._epoch_indices(epoch)
             step0 = start_step if epoch == start_epoch else 0
-            sub = torch.utils.data.Subset(self.train_ds, idx[step0 * cfg.batch_size:].tolist())
+            sub = IndexedSamples(self.train_ds, idx[step0 * cfg.batch_size:].tolist())
             loader = DataLoader(sub, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
                                 drop_last=True, persistent_workers=False)
             self.model.train()
@@ -249,11 +293,8 @@ class ClassifierTrainer:
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{total_epochs}{' (warm-up)' if warm else ''}", initial=step0,
                        total=self.steps_per_epoch)
             run_loss = 0.0
-            for step, (x, y, s) in enumerate(bar, start=step0):
-                x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(cfg.bf16):
-                    mal, subl = self.model(x)
-                loss = self.bce(mal.float(), y) + cfg.subtype_loss_weight * self.ce(subl.float(), s)
+            for step, (x, y, s, rows) in enumerate(bar, start=step0):
+                loss = self._loss(x.contiguous(memory_format=torch.channels_last), y, s, rows)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
@@ -265,7 +306,7 @@ class ClassifierTrainer:
                 if (step + 1) % cfg.ckpt_every_steps == 0:
                     save_checkpoint(ckpt_path, model=self.model.state_dict(), opt=opt.state_dict(),
                                     sched=sched.state_dict() if sched else None, warm=warm, epoch=epoch,
-                                    step=step + 1, history=history, best=best)
+                                    step=step + 1, history=history, best=best, aux_head=self._aux_state())
                 if timer.elapsed > cfg.max_minutes * 60:
                     log.warning("time cap of %.0f min reached in epoch %d", cfg.max_minutes, epoch)
                     break
@@ -282,7 +323,8 @@ class ClassifierTrainer:
                 bad_epochs = 0
             elif not warm:
                 bad_epochs += 1
-            save_checkpoint(ckpt_path, model=self.model.state_dict(), epoch=epoch + 1, step=0, history=history, best=best)
+            save_checkpoint(ckpt_path, model=self.model.state_dict(), epoch=epoch + 1, step=0, history=history, best=best,
+                            aux_head=self._aux_state())
             if timer.elapsed > cfg.max_minutes * 60 or bad_epochs >= cfg.patience:
                 break
         return {"history": history, "best": best, "run_dir": str(self.run_dir)}
