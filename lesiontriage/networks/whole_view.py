@@ -34,6 +34,10 @@ largest kept box is under the soft gate's start (a wide-field photo of moles) ne
 validation photos, 5-fold cross-validation) fitted logistic regressions over the members' binary logits, sub-type
 masses and all 8 sub-type log-probabilities (also with the third member and the lesion classifier's frame view): the
 best, 0.8990, did not beat this mean's 0.8996, and every stacker on sub-type log-probabilities fell to 0.879-0.894.
+Nor did a nearest-neighbour vote (2026-12-07, session study, not shipped): the malignant share among the k most
+similar training photos (cosine on image_classifier's pooled 256 px features, k 10-100, all sources or the photo's
+own) scored 0.851-0.886 alone and raised image_classifier's own sub-type-mass view from 0.8847 to at most 0.8869 when
+blended in: the network's head already says what its features' neighbours do.
 
 Everything that caches or calibrates whole-image outputs (evaluation, the hybrid study) keys them on
 :func:`whole_view_spec`, so a single model, the ensemble and each score definition never share a cache entry.
