@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
+from torch.nn import functional as F
 
 # criterion column -> the values that score on the 7-point checklist (Argenziano 1998; derm7pt's own coding)
 ATYPICAL: dict[str, frozenset[str]] = {
@@ -41,12 +43,9 @@ def seven_point_targets(rows: pd.DataFrame) -> np.ndarray:
     return out
 
 
-def masked_bce(logits, targets):
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean binary cross-entropy over the known (non-NaN) targets; 0 (with a gradient path) when none is known,
     so a batch without derm7pt rows costs nothing."""
-    import torch
-    from torch.nn import functional as F
-
     known = ~torch.isnan(targets)
     if not bool(known.any()):
         return logits.sum() * 0.0

@@ -77,8 +77,14 @@ class LesionClassifier(nn.Module):
         return self.trunk(self.preprocess(x))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mal, sub, _ = self.forward_with_features(x)
+        return mal, sub
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training forward pass that also returns the (dropped-out) pooled features, for training-only
+        auxiliary heads (train/classifier.py)."""
         f = self.dropout(self.features(x))
-        return self.malignant_head(f).squeeze(-1), self.subtype_head(f)
+        return self.malignant_head(f).squeeze(-1), self.subtype_head(f), f
 
     @torch.inference_mode()
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -241,8 +241,7 @@ class ClassifierTrainer:
         """Binary + weighted sub-type loss, plus the seven-point auxiliary loss when it is on."""
         cfg = self.cfg
         with autocast(cfg.bf16):
-            f = self.model.dropout(self.model.features(x))
-            mal, subl = self.model.malignant_head(f).squeeze(-1), self.model.subtype_head(f)
+            mal, subl, f = self.model.forward_with_features(x)
             aux = self.aux_head(f) if self.aux_head is not None else None
         loss = self.bce(mal.float(), y) + cfg.subtype_loss_weight * self.ce(subl.float(), s)
         if aux is not None:
