@@ -453,8 +453,12 @@ def train(
         out = run_training(cfg, resume=resume, manifest=manifest, data_root=data_root)
     console.print(f"best: {out['best']}")
     if export:
-        from lesiontriage.train.export import export_run
+        from lesiontriage.train.export import export_run, start_point_unbeaten
 
+        if start_point_unbeaten(out, export_weights):
+            console.print(f"no epoch beat the start point ({out['config']['init_from']}): nothing exported "
+                          "(--export-weights checkpoint.pt ships the last epoch on purpose)")
+            return
         try:
             path = export_run(model, out, data_root=data_root, manifest_path=manifest, weights_file=export_weights)
         except (FileNotFoundError, ValueError) as exc:

@@ -230,6 +230,27 @@ def test_cli_rejects_an_unknown_export_file_before_training(tmp_path, monkeypatc
     assert started == []  # refused before any training starts
 
 
+def test_cli_exports_nothing_when_no_epoch_beat_the_start_point(monkeypatch):
+    from typer.testing import CliRunner
+
+    import lesiontriage.train.classifier as clf
+    import lesiontriage.train.export as exp
+    from lesiontriage.cli import app
+
+    exported = []
+    monkeypatch.setattr(exp, "export_run", lambda *a, **k: exported.append(k) or "models/x.safetensors")
+    unbeaten = {"config": {"init_from": "classifier", "export_key": "image_classifier_4"}, "best": {"epoch": -1}}
+    monkeypatch.setattr(clf, "run_training", lambda *a, **k: unbeaten)
+    res = CliRunner().invoke(app, ["train", "image-classifier"])
+    assert res.exit_code == 0 and "nothing exported" in res.output and exported == []
+    # The last epoch, asked for by name, still ships; so does a run whose epoch 2 beat its start.
+    res = CliRunner().invoke(app, ["train", "image-classifier", "--export-weights", "checkpoint.pt"])
+    assert res.exit_code == 0 and len(exported) == 1
+    monkeypatch.setattr(clf, "run_training", lambda *a, **k: {**unbeaten, "best": {"epoch": 2}})
+    res = CliRunner().invoke(app, ["train", "image-classifier"])
+    assert res.exit_code == 0 and len(exported) == 2
+
+
 def test_greedy_soup_averages_weights_and_keeps_only_candidates_that_help():
     from lesiontriage.train.soup import SoupCandidate, average_states, greedy_soup
 

@@ -147,6 +147,14 @@ def export_detector(out: dict[str, Any], models_dir: Path) -> Path:
     return models_dir / f"{key}.safetensors"
 
 
+def start_point_unbeaten(out: dict[str, Any], weights_file: str = "best.pt") -> bool:
+    """True when a continuation run's ``best.pt`` is still its start point (no epoch beat the ``init_from`` weights):
+    exporting it would only copy those weights, under a new key for a new member. ``checkpoint.pt`` (the last epoch,
+    asked for by name) is never refused."""
+    return (weights_file == "best.pt" and bool(out.get("config", {}).get("init_from"))
+            and out.get("best", {}).get("epoch") == -1)
+
+
 def export_run(model: str, out: dict[str, Any], *, data_root: Path | None = None, manifest_path: Path | None = None,
                models_dir: Path = MODELS_DIR, weights_file: str = "best.pt") -> Path:
     """Write a finished run's weights + metadata to ``models_dir``. ``weights_file`` picks the run's file:
