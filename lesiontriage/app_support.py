@@ -44,9 +44,11 @@ AGGREGATION_HELP = (
 )
 def aggregation_sentence(aggregate: str, n_lesions: int, score: float, lesion_score: float | None = None,
                          whole_image_score: float | None = None, whole_image_weight: float = 0.0,
-                         full_frame_score: float | None = None, full_frame_weight: float = 0.0) -> str:
+                         full_frame_score: float | None = None, full_frame_weight: float = 0.0,
+                         main_lesion: int | None = None) -> str:
     """One line under the score saying how it was made (it also tells a browser test the switch landed);
-    on a close-up it also gives the whole-frame views' shares (lesiontriage.hybrid)."""
+    on a close-up it also gives the whole-frame views' shares (lesiontriage.hybrid), and on a photo scored on its
+    main lesion (``main_lesion``, 0-based) says that the aggregate did not enter the score."""
     how = {"mean": "mean", "max": "maximum", "noisy_or": "noisy-OR, 1 - prod(1 - p),"}.get(aggregate, aggregate)
     rule = HybridRule(whole_image_weight, full_frame_weight=full_frame_weight)
     views = rule.view_terms(whole_image_score, full_frame_score)
@@ -57,6 +59,13 @@ def aggregation_sentence(aggregate: str, n_lesions: int, score: float, lesion_sc
         return f"Score by {AGGREGATIONS.get(aggregate, aggregate)}: no lesion found, so the score is {score:.2f} by definition."
     plural = "s" if n_lesions != 1 else ""
     text = f"Score by {AGGREGATIONS.get(aggregate, aggregate)}: the {how} of {n_lesions} lesion probabilit{'ies' if plural else 'y'}."
+    if main_lesion is not None and lesion_score is not None:
+        others = n_lesions - 1
+        text = (f"Scored on the main lesion (#{main_lesion + 1}, the most confident detection): the photo looks like a "
+                f"clinical close-up of one lesion (too large for a wide-field photo, too small to fill the frame), so "
+                + (f"the other {others} box{'es' if others != 1 else ''} (nearby spots) are shown but " if others else "")
+                + f"the {AGGREGATIONS.get(aggregate, aggregate).lower()} aggregate does not enter the score "
+                "(chosen on validation photos).")
     if views and lesion_score is not None:
         text += (f" The largest lesion fills enough of the photo to blend in whole-photo views: "
                  f"{rule.lesion_weight:.2g} x {lesion_score:.2f} + " + " + ".join(views)

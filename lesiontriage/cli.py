@@ -410,7 +410,8 @@ def train(
         console.print(f"chosen whole_image_weight = {record['whole_image_weight']}, full_frame_weight = "
                       f"{record['full_frame_weight']}, close-up gate = "
                       f"{record['closeup_min_box_fraction']}, soft gate from = {record.get('closeup_ramp_from')}, "
-                      f"no-lesion photos scored by the views = {record.get('no_lesion_views', False)}, close-up crop "
+                      f"no-lesion photos scored by the views = {record.get('no_lesion_views', False)}, photos in the ramp "
+                      f"scored on their main lesion = {record.get('closeup_ramp_primary_lesion', False)}, close-up crop "
                       f"margin = {record.get('closeup_crop_margin')} "
                       "(run `lesiontriage train tiers` next)")
         for cand in record.get("soft_gate", {}).get("candidates", []):

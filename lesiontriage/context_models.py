@@ -84,7 +84,7 @@ class CombinedClinicalModel(_OptionalModel):
         given = ", ".join(f"{k}={v}" for k, v in answers.items() if v not in (None, "", "unknown"))
         return replace(result, lesions=lesions, image_score=score, tier=tier, lesion_score=score,
                        whole_image_score=None, whole_image_weight=0.0,
-                       full_frame_score=None, full_frame_weight=0.0,
+                       full_frame_score=None, full_frame_weight=0.0, main_lesion=None,
                        notes=[*result.notes, f"{COVARIATE_NOTE} ({given})"])
 
 

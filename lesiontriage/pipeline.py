@@ -65,6 +65,9 @@ class PipelineSettings:
     closeup_min_box_fraction: float = 0.15  # largest kept box / image area that makes a photo a close-up
     closeup_ramp_from: float | None = None  # soft gate (hybrid.py): views' weights ramp up from this fraction
     no_lesion_views: bool = False  # no lesion kept: the image score comes from the two whole-photo views (hybrid.py)
+    # A photo inside the soft gate's ramp (a clinical close-up, largest box 2-15% of the frame) is scored on its main
+    # lesion (the most confident detection) instead of the aggregate over every kept box (hybrid.py).
+    closeup_ramp_primary_lesion: bool = False
     # Context around each box of a close-up (largest kept box >= closeup_min_box_fraction of the photo) when its crop
     # is classified, as a fraction of the box side (imaging.crop_window); None, and every photo under the gate, use
     # the classifier's trained crop_margin. Chosen on validation by `train hybrid`: a wider context helped the
@@ -231,7 +234,8 @@ class TriagePipeline:
         """The close-up blend (from metadata.json; the whole-image view is off without a whole-image classifier)."""
         s = self.settings
         weight = s.whole_image_weight if self.image_classifier is not None else 0.0
-        return HybridRule(weight, s.closeup_min_box_fraction, s.full_frame_weight, s.closeup_ramp_from, s.no_lesion_views)
+        return HybridRule(weight, s.closeup_min_box_fraction, s.full_frame_weight, s.closeup_ramp_from, s.no_lesion_views,
+                          s.closeup_ramp_primary_lesion)
 
     @staticmethod
     def result_rule(result: TriageResult) -> HybridRule:
@@ -352,6 +356,9 @@ class TriagePipeline:
         if mode == "two_stage" and not lesions and not (result is not None and result.blended):
             return Tier("routine", f"No lesion found. {retake} Or try the whole-image mode.", None)
         driver = max(range(len(lesions)), key=lambda i: lesions[i].p_malignant) if lesions else None
+        main = result.main_lesion if result is not None else None
+        if main is not None and 0 <= main < len(lesions):
+            driver = main  # the main lesion alone made the lesion term (hybrid.HybridRule.lesion_term)
         name = "urgent" if score >= thr["urgent"] else "refer" if score >= thr["refer"] else "routine"
         what = (f"lesion #{driver + 1} (p_malignant {lesions[driver].p_malignant:.2f}, most like "
                 f"{lesions[driver].top_subtype})" if driver is not None else "the whole image")
@@ -361,7 +368,7 @@ class TriagePipeline:
         label = f"{agg} score"
         if result is not None and result.blended and result.lesion_score is not None:
             label = self.result_rule(result).describe(agg, result.lesion_score, result.whole_image_score,
-                                                      result.full_frame_score)
+                                                      result.full_frame_score, main)
         if name == "urgent":
             reason = f"Urgent: {label} {score:.2f} >= {thr['urgent']:.2f} (high-PPV point); driven by {what}."
         elif name == "refer":
@@ -374,7 +381,10 @@ class TriagePipeline:
         """Same lesions, another aggregation: no network runs (used by the app's selector)."""
         if result.mode == "whole_image":
             return replace(result, aggregate=aggregate)
-        lesion_score = float(aggregate_probs([l.p_malignant for l in result.lesions], aggregate))
+        if result.main_lesion is not None:  # a close-up scored on its main lesion: no aggregate enters the score
+            lesion_score = float(result.lesions[result.main_lesion].p_malignant)
+        else:
+            lesion_score = float(aggregate_probs([l.p_malignant for l in result.lesions], aggregate))
         score = lesion_score
         if result.blended:
             score = self.result_rule(result).blend(lesion_score, result.whole_image_score, result.full_frame_score)
@@ -423,9 +433,10 @@ class TriagePipeline:
                    box_confidence=None if confidence is None else float(confidence[i]), crop_margin=margin)
             for i, (b, s, p, qs) in enumerate(zip(boxes, det_scores, probs, subs))
         ]
-        lesion_score = float(aggregate_probs([l.p_malignant for l in lesions], aggregate))
-        score, whole_p, frame_p = lesion_score, None, None
         h, w = img.rgb.shape[:2]
+        lesion_score, main = self.hybrid_rule.lesion_term(probs, det_scores, aggregate,
+                                                          largest_box_fraction(boxes, w, h) if len(boxes) else 0.0)
+        score, whole_p, frame_p = lesion_score, None, None
         photo_rule = self.hybrid_rule.for_photo(boxes, w, h)  # this photo's weights (scaled by a soft gate)
         blended = photo_rule is not None
         rule = photo_rule or self.hybrid_rule
@@ -444,7 +455,8 @@ class TriagePipeline:
                               Tier("routine", "", None), quality, timings, "two_stage", version,
                               lesion_score=lesion_score, whole_image_score=whole_p,
                               whole_image_weight=rule.whole_image_weight if blended else 0.0,
-                              full_frame_score=frame_p, full_frame_weight=rule.full_frame_weight if blended else 0.0)
+                              full_frame_score=frame_p, full_frame_weight=rule.full_frame_weight if blended else 0.0,
+                              main_lesion=main)
         result.tier = self.make_tier(lesions, score, "two_stage", aggregate, result)
         timings["total"] = sum(v for k, v in timings.items() if k != "total")
         return result

@@ -82,11 +82,14 @@ class TriageResult:
     notes: list[str] = field(default_factory=list)  # e.g. "clinical covariates used (combined model)"
     # Close-up blend (lesiontriage.hybrid): image_score = (1 - w - f) * lesion_score
     #   + w * whole_image_score + f * full_frame_score; both weights are 0 when no blend was applied.
-    lesion_score: float | None = None  # the aggregate over lesions alone (None in whole-image mode)
+    lesion_score: float | None = None  # the lesion term: aggregate over lesions, or the main lesion's p (None: whole-image mode)
     whole_image_score: float | None = None  # the whole-image classifier's p, when it entered the score
     whole_image_weight: float = 0.0
     full_frame_score: float | None = None  # the lesion classifier's p on the whole photo, when it entered the score
     full_frame_weight: float = 0.0
+    # Index into ``lesions`` of the main lesion (most confident detection) when its p alone was the lesion term: a
+    # clinical close-up inside the soft gate's ramp (hybrid.HybridRule.lesion_term); None: the aggregate was.
+    main_lesion: int | None = None
 
     @property
     def blended(self) -> bool:

@@ -199,7 +199,8 @@ def headline() -> None:
             "Aggregation", options=list(sup.AGGREGATIONS), format_func=sup.AGGREGATIONS.get,
             default=default_agg, key="aggregation", required=True, help=sup.AGGREGATION_HELP)
         st.caption(sup.aggregation_sentence(res.aggregate, n, res.image_score, res.lesion_score, res.whole_image_score,
-                                            res.whole_image_weight, res.full_frame_score, res.full_frame_weight) + threshold_sentence(res))
+                                            res.whole_image_weight, res.full_frame_score, res.full_frame_weight,
+                                            res.main_lesion) + threshold_sentence(res))
     else:
         st.caption("Whole-image mode: one score for the whole photo; aggregation does not apply."
                    + threshold_sentence(res))

@@ -217,3 +217,39 @@ def test_crop_margin_replaces_the_trained_one_only_with_a_gain_that_spares_the_s
     assert choose_margin({0.25: blend(0.89, 0.60), 0.75: blend(0.894, 0.60)}, 0.25, study) == 0.25  # under min_gain
     assert choose_margin({0.25: blend(0.89, 0.60), 0.75: blend(0.90, 0.55)}, 0.25, study) == 0.25  # scenes fall 0.05
     assert choose_margin({0.25: blend(0.89, None), 0.75: blend(0.90, 0.55), 1.0: blend(0.91, 0.5)}, 0.25, study) == 1.0
+
+
+def test_main_lesion_stands_in_for_the_aggregate_only_inside_the_ramp():
+    rule = HybridRule(0.2, 0.15, 0.6, ramp_from=0.02, ramp_primary_lesion=True)
+    p, scores = [0.9, 0.1, 0.2], [0.6, 0.95, 0.7]  # the most confident detection is the second, not the first
+    assert rule.lesion_term(p, scores, "mean", 0.09) == (pytest.approx(0.1), 1)
+    assert rule.lesion_term(p, scores, "max", 0.09) == (pytest.approx(0.1), 1)  # whatever the aggregate
+    assert rule.lesion_term(p, scores, "mean", 0.30) == (pytest.approx(0.4), None)  # at/above the gate: aggregate
+    assert rule.lesion_term(p, scores, "max", 0.01) == (pytest.approx(0.9), None)  # wide-field, under the ramp
+    assert rule.lesion_term([], [], "mean", 0.0) == (0.0, None)
+    off = HybridRule(0.2, 0.15, 0.6, ramp_from=0.02)
+    assert off.lesion_term(p, scores, "mean", 0.09) == (pytest.approx(0.4), None)
+    assert not HybridRule(0.2, 0.15, 0.6, ramp_primary_lesion=True).uses_main_lesion(0.09)  # hard gate: no ramp
+    assert not HybridRule(0.0, 0.15, 0.0, ramp_from=0.02, ramp_primary_lesion=True).uses_main_lesion(0.09)  # blend off
+    assert "main lesion #2 0.10" in rule.describe("mean", 0.1, 0.5, 0.5, main_lesion=1)
+
+
+def test_study_scores_the_main_lesion_by_detection_score_and_only_when_asked():
+    """score_table's main_lesion switch: clinical close-ups whose most confident box carries the signal and whose
+    bystander boxes are noise gain from it; without detection scores the lesions' order stands in."""
+    rng = np.random.default_rng(0)
+    photos = []
+    for i in range(300):
+        y = int(i % 2)
+        main = float(np.clip(0.3 + 0.4 * y + rng.normal(0, 0.1), 0, 1))
+        spots = rng.uniform(0, 1, 3)
+        lesion = np.r_[spots[:1], main, spots[1:]]
+        det = np.array([0.6, 0.9, 0.7, 0.55])
+        photos.append(CloseUp("a" if i < 150 else "b", y, lesion, 0.08, 0.5, 0.5, det))
+    plain = score_table(photos, [(0.2, 0.2)], 0.15, "mean", 0.02)
+    main = score_table(photos, [(0.2, 0.2)], 0.15, "mean", 0.02, main_lesion=True)
+    assert float(main["macro"].iloc[0]) > float(plain["macro"].iloc[0]) + 0.05 and bool(main["main_lesion"].iloc[0])
+    hard = score_table(photos, [(0.2, 0.2)], 0.15, "mean", None, main_lesion=True)  # no ramp: nothing to switch
+    assert float(hard["macro"].iloc[0]) == pytest.approx(float(score_table(photos, [(0.2, 0.2)], 0.15, "mean")["macro"].iloc[0]))
+    unordered = CloseUp("a", 1, np.array([0.3, 0.8]), 0.08, 0.5, 0.5)  # no scores: the first is the detector's best
+    assert unordered.detection_scores().argmax() == 0

@@ -434,6 +434,59 @@ def test_soft_gate_and_many_lesion_photos(pipe, photos):
     assert grid.crop_margin(0.2) == 1.0 and grid.crop_margin(0.1) == trained_margin
 
 
+def test_clinical_close_up_in_the_ramp_is_scored_on_its_main_lesion(pipe, photos):
+    """With ``closeup_ramp_primary_lesion`` a photo inside the soft gate's ramp (largest box 2-15% of the frame)
+    takes its most confident detection's p as the lesion term, whatever the aggregate; that lesion drives the
+    tier and the caption says so. Off, or on a frame-filling close-up, the aggregate over every box stays."""
+    import dataclasses
+
+    import torch
+
+    from lesiontriage.app_support import aggregation_sentence
+    from lesiontriage.pipeline import TriagePipeline
+
+    class ThreeSpots(torch.nn.Module):
+        """Three disjoint boxes; the second (the largest side) is the most confident, the first is not."""
+
+        def __init__(self, main_side: float) -> None:
+            super().__init__()
+            self.main_side = main_side
+
+        def forward(self, images):
+            h, w = images[0].shape[-2:]
+            s = self.main_side
+            boxes = [[0.02 * w, 0.02 * h, 0.10 * w, 0.10 * h], [0.30 * w, 0.30 * h, (0.30 + s) * w, (0.30 + s) * h],
+                     [0.85 * w, 0.85 * h, 0.95 * w, 0.95 * h]]
+            return [{"boxes": torch.tensor(boxes, dtype=torch.float32), "scores": torch.tensor([0.6, 0.8, 0.55])}]
+
+    def variant(main_side: float, on: bool) -> TriagePipeline:
+        s = dataclasses.replace(pipe.settings, whole_image_weight=0.2, full_frame_weight=0.6, closeup_min_box_fraction=0.15,
+                                closeup_ramp_from=0.02, no_lesion_views=True, closeup_ramp_primary_lesion=on)
+        return TriagePipeline(ThreeSpots(main_side), pipe.det_cfg, pipe.classifier, pipe.clf_meta, pipe.metadata,
+                              pipe.image_classifier, pipe.image_clf_meta, settings=s)
+
+    on = variant(0.3, True).predict(photos[1])  # main box 9% of the frame: inside the ramp
+    assert on.n_lesions == 3 and on.blended
+    main = max(range(3), key=lambda i: on.lesions[i].detector_score)
+    assert on.lesions[main].detector_score == pytest.approx(0.8) and on.main_lesion == main
+    ps = [l.p_malignant for l in on.lesions]
+    assert on.lesion_score == pytest.approx(ps[main]) and on.lesion_score != pytest.approx(float(np.mean(ps)), abs=1e-6)
+    k = (0.09 - 0.02) / 0.13
+    assert on.image_score == pytest.approx((1 - 0.8 * k) * ps[main] + 0.2 * k * on.whole_image_score
+                                           + 0.6 * k * on.full_frame_score, abs=1e-3)
+    assert on.tier.driving_lesion == main and f"main lesion #{main + 1}" in on.tier.reason
+    assert on.to_dict()["main_lesion"] == main
+    again = variant(0.3, True).reaggregate(on, "max")  # the aggregate does not enter a main-lesion score
+    assert again.lesion_score == pytest.approx(ps[main]) and again.image_score == pytest.approx(on.image_score)
+    caption = aggregation_sentence("mean", 3, on.image_score, on.lesion_score, on.whole_image_score,
+                                   on.whole_image_weight, on.full_frame_score, on.full_frame_weight, on.main_lesion)
+    assert f"main lesion (#{main + 1}" in caption and "other 2 boxes" in caption
+    off = variant(0.3, False).predict(photos[1])
+    assert off.main_lesion is None and off.lesion_score == pytest.approx(float(np.mean([l.p_malignant for l in off.lesions])))
+    big = variant(0.5, True).predict(photos[1])  # main box 25% of the frame: above the gate, the aggregate stays
+    assert big.main_lesion is None and big.lesion_score == pytest.approx(float(np.mean([l.p_malignant for l in big.lesions])))
+
+
 def test_photo_without_a_kept_lesion_is_scored_by_the_whole_photo_views(pipe, photos):
     """A detector miss must not make a close-up 'routine' by definition: with ``no_lesion_views`` the
     score is the views' renormalised mean and the tier says why; without it the score stays 0."""

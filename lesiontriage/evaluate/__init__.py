@@ -104,7 +104,7 @@ predictions_images.parquet   one row per evaluated image: split, path (data-root
     from_cache,
     ita, ita_category, ita_ok, ita_reason, det_max_score, n_detected (kept), no_lesion_detected,
     score_two_stage_mean / _max / _noisy_or, p_detected_max, score_direct_whole, logit_direct_whole,
-    score_direct_frame, hybrid_blended (a view entered the score: close-up, soft-gate ramp, or no lesion kept), score_hybrid_mean / _max / _noisy_or, score_one_step_c2_* (when trained), p_gt, logit_gt (single-lesion photos).
+    score_direct_frame, hybrid_blended (a view entered the score: close-up, soft-gate ramp, or no lesion kept), hybrid_main_lesion (inside the ramp the main lesion's p was the lesion term), score_hybrid_mean / _max / _noisy_or, score_one_step_c2_* (when trained), p_gt, logit_gt (single-lesion photos).
 predictions_lesions.parquet  one row per ground-truth lesion: split, path, image_id, source, modality,
     synthetic, lesion_index, diagnosis, malignant, biopsied, fitzpatrick, gt_is_whole_image,
     x1, y1, x2, y2 (original px; null for whole-image crops), logit_gt (raw), p_gt (temperature-scaled),

@@ -51,7 +51,7 @@ import pandas as pd
 from lesiontriage import paths
 from lesiontriage.box_selection import MAX_LESIONS
 from lesiontriage.evaluate import tables as T
-from lesiontriage.hybrid import HybridRule
+from lesiontriage.hybrid import HybridRule, largest_box_fraction
 from lesiontriage.networks.whole_view import whole_view_members, whole_view_spec
 from lesiontriage.results import INTENDED_USE, SUBTYPES
 
@@ -1030,8 +1030,11 @@ def _image_row(rec: ImageRecord, kept: _Kept | None, t_img: float, kept_threshol
         scale = min(1.0, EVAL_DECODE_MAX_SIDE / max(w, h))  # kept boxes are in the decoded image's pixels
         photo_rule = hybrid.for_photo(kept.boxes, w * scale, h * scale)  # soft gate scales it; None: pure two-stage
         row["hybrid_blended"] = photo_rule is not None
+        fraction = largest_box_fraction(kept.boxes, w * scale, h * scale) if len(kept.boxes) else 0.0
+        row["hybrid_main_lesion"] = hybrid.uses_main_lesion(fraction) and bool(len(kept.boxes))
         for agg in T.AGGREGATIONS:
-            two = row[T.IMAGE_SCORE_COLUMNS[f"two_stage.{agg}"]]
+            # the lesion term as the pipeline makes it: the aggregate, or the main lesion's p inside the ramp
+            two = hybrid.lesion_term(kept.p, kept.scores, agg, fraction)[0]
             row[T.IMAGE_SCORE_COLUMNS[f"hybrid.{agg}"]] = photo_rule.blend(two, direct, frame_p) if photo_rule else two
     return row
 
@@ -1573,7 +1576,8 @@ def evaluate(settings: EvalSettings, manifest: pd.DataFrame | None = None,
     agg, kept_thr, max_les = str(ps.default_aggregate), float(ps.detector_score_threshold), int(ps.max_lesions)
     nest = float(ps.nested_containment)
     hybrid = HybridRule(float(ps.whole_image_weight), float(ps.closeup_min_box_fraction), float(ps.full_frame_weight),
-                        None if ps.closeup_ramp_from is None else float(ps.closeup_ramp_from), bool(ps.no_lesion_views))
+                        None if ps.closeup_ramp_from is None else float(ps.closeup_ramp_from), bool(ps.no_lesion_views),
+                        bool(ps.closeup_ramp_primary_lesion))
     tables = build_tables(main_records, info, agg, kept_thr, max_les, nest, hybrid, ps.widefield)
     ita_extra = build_tables(extra_records, info, agg, kept_thr, max_les, nest, hybrid, ps.widefield).images
     seconds["tables"] = time.perf_counter() - t

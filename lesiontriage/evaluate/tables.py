@@ -807,7 +807,8 @@ def image_level_section(images: pd.DataFrame, ctx: ReportContext) -> dict[str, A
                        "0 when no lesion is found; one_step_c2 = a C=2 malignant/benign detector (malignant box scores "
                        "aggregated); hybrid = the product's image score: on a close-up (largest kept box >= the gate share of the image; "
                        "with a soft gate the views' weights ramp down linearly below it) a blend of the two-stage score with direct.whole "
-                       "and direct.frame, and with no_lesion_views a photo without a kept lesion scored by those two views alone "
+                       "and direct.frame, and with no_lesion_views a photo without a kept lesion scored by those two views alone; with "
+                       "ramp_primary_lesion a photo inside the ramp uses its main lesion's p (most confident detection) as the lesion term "
                        "(weights, gate, ramp chosen on validation, metadata.json pipeline.hybrid_choice), elsewhere the two-stage score. Scenes: malignant = any malignant lesion in the scene. Paired tests: class-stratified "
                        "paired bootstrap of a - b on the same images (two-sided p-value)."),
         "strategies": status,

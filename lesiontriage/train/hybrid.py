@@ -23,6 +23,10 @@
    margin: on 200 validation scenes a margin of 1.0 for every crop cut the wide-field lesions' AUC from 0.70 to
    0.63). A margin replaces the trained one only with a macro gain >= ``min_gain`` of its final rule and the
    validation scenes' image AUC within ``scene_tolerance``; it ships as ``pipeline.closeup_crop_margin``.
+6. **Main lesion in the ramp** (inside step 5, per margin, only when a soft gate was chosen): photos inside the ramp
+   scored on their main lesion (most confident detection) instead of the aggregate over every kept box
+   (``ramp_primary_lesion``, hybrid.py); switched on only with a further gain >= ``min_gain`` and the validation
+   scenes' image AUC within ``scene_tolerance``. Ships as ``pipeline.closeup_ramp_primary_lesion``.
 
 Before all of this, **the whole-image view** (networks/whole_view.py), on every labelled validation photo (whole,
 as the whole-image trainer validates): each candidate member set (``--whole-image-ensemble``: every set of the
@@ -34,6 +38,7 @@ view only with a gain >= ``min_gain``. The blend is then chosen for the view tha
 
 Writes ``pipeline.whole_image_weight``, ``pipeline.full_frame_weight``,
 ``pipeline.closeup_min_box_fraction``, ``pipeline.closeup_ramp_from``, ``pipeline.closeup_crop_margin``,
+``pipeline.closeup_ramp_primary_lesion``,
 ``pipeline.whole_image_members``,
 ``pipeline.whole_image_subtype_weight``, ``pipeline.whole_image_temperature``, ``pipeline.whole_image_input_size``,
 ``pipeline.whole_image_flip_tta`` and the tables under
@@ -53,7 +58,6 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
-from lesiontriage.aggregation import aggregate
 from lesiontriage.box_selection import select_boxes
 from lesiontriage.data.manifest import load_manifest, manifest_hash, resolve_path
 from lesiontriage.errors import ModelError
@@ -100,6 +104,13 @@ class CloseUp:
     box_fraction: float
     whole_p: float  # direct whole-image classifier
     frame_p: float = float("nan")  # lesion classifier on the whole frame
+    det_scores: np.ndarray | None = None  # kept lesions' detection scores (None: lesion_p is in the detector's order)
+
+    def detection_scores(self) -> np.ndarray:
+        """The kept lesions' detection scores; without them a descending stand-in for the detector's best-first order."""
+        if self.det_scores is not None:
+            return np.asarray(self.det_scores, dtype=np.float64)
+        return -np.arange(len(self.lesion_p), dtype=np.float64)
 
 
 def weight_pairs(weights: tuple[float, ...], min_lesion_weight: float) -> list[tuple[float, float]]:
@@ -116,7 +127,7 @@ def choose_gate(widefield_fractions: list[float], gates: tuple[float, ...]) -> f
 
 def photo_score(rule: HybridRule, ph: CloseUp, agg: str) -> tuple[float, bool]:
     """(image score, blended) of one photo under ``rule``: what ``TriagePipeline.predict`` computes."""
-    s = aggregate(ph.lesion_p, agg) if len(ph.lesion_p) else 0.0
+    s = rule.lesion_term(ph.lesion_p, ph.detection_scores(), agg, ph.box_fraction)[0]
     photo_rule = rule.for_fraction(ph.box_fraction, bool(len(ph.lesion_p)))
     if photo_rule is None:
         return s, False
@@ -124,14 +135,16 @@ def photo_score(rule: HybridRule, ph: CloseUp, agg: str) -> tuple[float, bool]:
 
 
 def score_table(photos: list[CloseUp], pairs: list[tuple[float, float]], gate: float, agg: str,
-                ramp_from: float | None = None, no_lesion_views: bool = False) -> pd.DataFrame:
+                ramp_from: float | None = None, no_lesion_views: bool = False,
+                main_lesion: bool = False) -> pd.DataFrame:
     """Macro / per-stratum AUC and the share of photos blended, for every (whole-image, full-frame)
     weight pair at this gate (a bare float w stands for the pair (w, 0)); ``ramp_from``: soft gate;
-    ``no_lesion_views``: photos without a kept lesion scored by the views."""
+    ``no_lesion_views``: photos without a kept lesion scored by the views; ``main_lesion``: photos inside the ramp
+    scored on their main lesion (``HybridRule.ramp_primary_lesion``)."""
     rows = []
     for pair in pairs:
         w, f = (float(pair), 0.0) if np.isscalar(pair) else (float(pair[0]), float(pair[1]))
-        rule = HybridRule(w, gate, f, ramp_from, no_lesion_views)
+        rule = HybridRule(w, gate, f, ramp_from, no_lesion_views, main_lesion and ramp_from is not None)
         recs = []
         for ph in photos:
             score, blended = photo_score(rule, ph, agg)
@@ -139,7 +152,7 @@ def score_table(photos: list[CloseUp], pairs: list[tuple[float, float]], gate: f
         df = pd.DataFrame(recs)
         aucs = stratum_aucs(df)
         rows.append({"whole_image_weight": w, "full_frame_weight": f, "closeup_min_box_fraction": gate,
-                     "ramp_from": ramp_from, "no_lesion_views": no_lesion_views,
+                     "ramp_from": ramp_from, "no_lesion_views": no_lesion_views, "main_lesion": main_lesion,
                      "blended_share": float(df["blended"].mean()), **aucs,
                      "macro": float(np.mean(list(aucs.values())))})
     return pd.DataFrame(rows)
@@ -425,7 +438,7 @@ def _closeups(pipe, rows: pd.DataFrame, data_root: Path | None, cache: Path, clo
         fraction = largest_box_fraction(ph.boxes[keep], e["width"], e["height"])
         src = ph_wide if fraction >= gate else ph
         p = src.p_tta if s.tta_for(len(keep)) and src.p_tta is not None else src.p
-        out.append(CloseUp(ph.stratum, ph.y, np.asarray(p)[keep], fraction, e["whole_p"], fp))
+        out.append(CloseUp(ph.stratum, ph.y, np.asarray(p)[keep], fraction, e["whole_p"], fp, np.asarray(ph.scores)[keep]))
     return out
 
 
@@ -441,6 +454,7 @@ class BlendChoice:
     table: pd.DataFrame
     macro: float  # validation macro AUC of the chosen rule
     scene_auc: float | None  # labelled validation scenes' image AUC under the chosen rule
+    main_lesion: bool = False  # photos inside the ramp scored on their main lesion (HybridRule.ramp_primary_lesion)
 
 
 def choose_blend(pipe, photos: list[CloseUp], gate: float, study: HybridStudy, sha: dict[str, Any], tag: str) -> BlendChoice:
@@ -448,7 +462,7 @@ def choose_blend(pipe, photos: list[CloseUp], gate: float, study: HybridStudy, s
     pairs = weight_pairs(study.weights, study.min_lesion_weight)
     table = score_table(photos, pairs, gate, study.aggregate)
     weight, frame_weight = choose_weights(table, study.min_gain) if np.isfinite(gate) else (0.0, 0.0)
-    ramp, soft, no_lesion_views = None, {}, False
+    ramp, soft, no_lesion_views, main_lesion = None, {}, False, False
     clf_tag = f"{sha['classifier']['sha256'][:12]}_tta{int(pipe.settings.flip_tta)}_{pipe.settings.flip_tta_max_crops}"
     margin = pipe.settings.closeup_crop_margin  # changes a scene's lesions only if it is a close-up (none at this gate)
     margin_tag = "" if margin is None else f"_c{margin:g}@{gate:g}"
@@ -469,7 +483,22 @@ def choose_blend(pipe, photos: list[CloseUp], gate: float, study: HybridStudy, s
         no_lesion_views = float(fb_best["macro"]) - chosen_macro >= study.min_gain
         if no_lesion_views:
             weight, frame_weight = float(fb_best["whole_image_weight"]), float(fb_best["full_frame_weight"])
-        soft = {"hard_gate_macro": round(hard_macro, 4), "hard_gate_scene_auc": hard_scene,
+        if ramp is not None:  # step 6: the main lesion inside the ramp, the rest of the rule as chosen
+            without = float(score_table(photos, [(weight, frame_weight)], gate, study.aggregate, ramp,
+                                        no_lesion_views)["macro"].iloc[0])
+            main_table = score_table(photos, [(weight, frame_weight)], gate, study.aggregate, ramp, no_lesion_views, True)
+            with_main = float(main_table["macro"].iloc[0])
+            scene_without = scene_auc(HybridRule(weight, gate, frame_weight, ramp, no_lesion_views), scenes, study.aggregate)
+            scene_with = scene_auc(HybridRule(weight, gate, frame_weight, ramp, no_lesion_views, True), scenes, study.aggregate)
+            scenes_fine = scene_without is None or scene_with is None or scene_with >= scene_without - study.scene_tolerance
+            main_lesion = with_main - without >= study.min_gain and scenes_fine
+            soft["main_lesion"] = {"macro_without": round(without, 4), "macro_with": round(with_main, 4),
+                                   "scene_auc_without": scene_without, "scene_auc_with": scene_with,
+                                   "strata_with": {k: round(float(main_table[k].iloc[0]), 4) for k in main_table.columns
+                                                   if "/" in k},
+                                   "n_photos_in_ramp": int(sum(len(p.lesion_p) > 0 and ramp < p.box_fraction < gate
+                                                               for p in photos))}
+        soft = {**soft, "hard_gate_macro": round(hard_macro, 4), "hard_gate_scene_auc": hard_scene,
                 "no_lesion_views": {"macro_without": round(chosen_macro, 4), "macro_with": round(float(fb_best["macro"]), 4),
                                     "whole_image_weight": float(fb_best["whole_image_weight"]),
                                     "full_frame_weight": float(fb_best["full_frame_weight"]),
@@ -479,11 +508,11 @@ def choose_blend(pipe, photos: list[CloseUp], gate: float, study: HybridStudy, s
                                 "full_frame_weight": float(best[r]["full_frame_weight"]), "macro": round(float(best[r]["macro"]), 4),
                                 "blended_share": round(float(best[r]["blended_share"]), 4), "scene_auc": scene_aucs[r]}
                                for r in study.ramps]}
-    final = HybridRule(weight, gate, frame_weight, ramp, no_lesion_views) if np.isfinite(gate) else HybridRule()
+    final = HybridRule(weight, gate, frame_weight, ramp, no_lesion_views, main_lesion) if np.isfinite(gate) else HybridRule()
     final_macro = float(score_table(photos, [(weight, frame_weight)], gate if np.isfinite(gate) else 1.0, study.aggregate,
-                                    ramp, no_lesion_views)["macro"].iloc[0])
+                                    ramp, no_lesion_views, main_lesion)["macro"].iloc[0])
     return BlendChoice(weight, frame_weight, ramp, no_lesion_views, soft, table, final_macro,
-                       scene_auc(final, scenes, study.aggregate))
+                       scene_auc(final, scenes, study.aggregate), main_lesion)
 
 
 def choose_margin(blends: dict[float, BlendChoice], trained_margin: float, study: HybridStudy) -> float:
@@ -539,6 +568,7 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
     margin = choose_margin(blends, trained_margin, study)
     chosen = blends[margin]
     weight, frame_weight, ramp, no_lesion_views = chosen.weight, chosen.frame_weight, chosen.ramp, chosen.no_lesion_views
+    main_lesion = chosen.main_lesion
     soft, table = chosen.soft, chosen.table
     record = {
         "whole_image_weight": weight,
@@ -546,10 +576,11 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
         "closeup_min_box_fraction": gate if np.isfinite(gate) else None,
         "closeup_ramp_from": ramp,
         "no_lesion_views": no_lesion_views,
+        "closeup_ramp_primary_lesion": main_lesion,
         "closeup_crop_margin": margin,
         "crop_margins": [{"margin": m, "trained": m == trained_margin, "macro": round(b.macro, 4), "scene_auc": b.scene_auc,
                           "whole_image_weight": b.weight, "full_frame_weight": b.frame_weight, "ramp_from": b.ramp,
-                          "no_lesion_views": b.no_lesion_views} for m, b in blends.items()],
+                          "no_lesion_views": b.no_lesion_views, "main_lesion": b.main_lesion} for m, b in blends.items()],
         "soft_gate": soft,
         "criterion": (f"gate: smallest candidate above the largest kept box / image area of every wide-field validation "
                       f"photo; weights (whole-image classifier, lesion classifier on the whole frame; the lesion "
@@ -557,7 +588,9 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
                       f"{study.aggregate} aggregation; a pair replaces (0, 0) only with a gain >= {study.min_gain}; a soft "
                       f"gate (ramp_from) replaces the hard one only with a further gain >= {study.min_gain} and validation "
                       f"scenes' image AUC within {study.scene_tolerance} of the hard gate's; photos without a kept "
-                      f"lesion scored by the views only with a further gain >= {study.min_gain}; all of this per crop "
+                      f"lesion scored by the views only with a further gain >= {study.min_gain}; photos inside the ramp scored "
+                      f"on their main lesion only with a further gain >= {study.min_gain} and validation scenes' image AUC "
+                      f"within {study.scene_tolerance}; all of this per crop "
                       f"margin of the close-ups' lesions (photos under the gate keep the trained one), a margin replacing the classifier's trained {trained_margin:g} only with a gain >= "
                       f"{study.min_gain} and validation scenes' image AUC within {study.scene_tolerance} of its"),
         "chosen_on": (f"validation split: {len(rows)} labelled photos + the HAM10000 ones squashed to 224x224; "
@@ -580,6 +613,7 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
     meta["pipeline"]["closeup_min_box_fraction"] = gate if np.isfinite(gate) else 1.0
     meta["pipeline"]["closeup_ramp_from"] = ramp
     meta["pipeline"]["no_lesion_views"] = no_lesion_views
+    meta["pipeline"]["closeup_ramp_primary_lesion"] = main_lesion
     meta["pipeline"].pop("lesion_crop_margin", None)  # stop 29's first form: every crop, wide-field too
     meta["pipeline"]["closeup_crop_margin"] = None if margin == trained_margin else margin
     meta["pipeline"]["hybrid_choice"] = record

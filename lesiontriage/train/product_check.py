@@ -107,7 +107,7 @@ def product_score(name: str, photos: list[CloseUp], settings, epoch: int | None 
     """The best weight pair of the shipped grid (gate, ramp and no-lesion views as shipped) for these photos."""
     pairs = weight_pairs(HybridStudy().weights, HybridStudy().min_lesion_weight)
     table = score_table(photos, pairs, settings.closeup_min_box_fraction, "mean", settings.closeup_ramp_from,
-                        bool(settings.no_lesion_views))
+                        bool(settings.no_lesion_views), bool(settings.closeup_ramp_primary_lesion))
     best = table.loc[table["macro"].idxmax()]
     strata = {k: round(float(best[k]), 4) for k in sorted({p.stratum for p in photos}) if k in table.columns}
     return ProductScore(name, epoch, temperature, crop_macro_auc, stratum_macro(photos, [p.frame_p for p in photos]),
@@ -123,7 +123,8 @@ def _candidate_photos(pipe, base: list[CloseUp], dets: list[dict[str, Any]], dat
         keep = select_boxes(d["boxes"], d["scores"], s.detector_score_threshold, s.max_lesions, s.nested_containment, s.widefield)
         lesion_p = pipe.lesion_probabilities(rgb, d["boxes"][keep])[0] if len(keep) else np.zeros(0)
         frame_p = float(pipe.lesion_probabilities(rgb)[0][0])
-        out.append(CloseUp(ph.stratum, ph.y, np.asarray(lesion_p, dtype=np.float64), ph.box_fraction, ph.whole_p, frame_p))
+        out.append(CloseUp(ph.stratum, ph.y, np.asarray(lesion_p, dtype=np.float64), ph.box_fraction, ph.whole_p, frame_p,
+                           np.asarray(d["scores"])[keep]))
     return out
 
 
