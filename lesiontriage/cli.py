@@ -416,6 +416,11 @@ def train(
                       "(run `lesiontriage train tiers` next)")
         for cand in record.get("soft_gate", {}).get("candidates", []):
             console.print("  soft gate " + "  ".join(f"{k}={v}" for k, v in cand.items()))
+        check = record.get("main_lesion_confirmation")
+        if check:
+            console.print(f"  main lesion in the ramp, every labelled validation photo ({check['n_photos']}, "
+                          f"{check['n_main_lesion']} scored on their main lesion): macro AUC {check['macro_without']} -> "
+                          f"{check['macro_with']} ({'confirmed' if check['confirmed'] else 'not confirmed: off'})")
         return
     if model not in _TRAIN_DEFAULTS:
         _fail(f"unknown model {model!r}; choose one of {', '.join(_TRAIN_DEFAULTS)}, soup, box-merge, box-rescorer, box-rule, widefield-rule, hybrid, tiers")

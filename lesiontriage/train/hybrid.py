@@ -26,7 +26,9 @@
 6. **Main lesion in the ramp** (inside step 5, per margin, only when a soft gate was chosen): photos inside the ramp
    scored on their main lesion (most confident detection) instead of the aggregate over every kept box
    (``ramp_primary_lesion``, hybrid.py); switched on only with a further gain >= ``min_gain`` and the validation
-   scenes' image AUC within ``scene_tolerance``. Ships as ``pipeline.closeup_ramp_primary_lesion``.
+   scenes' image AUC within ``scene_tolerance``, and then only if the gain >= ``min_gain`` holds on every labelled
+   validation photo too (train/main_lesion_check.py: the rule touches few photos, so the sample can mislead).
+   Ships as ``pipeline.closeup_ramp_primary_lesion``.
 
 Before all of this, **the whole-image view** (networks/whole_view.py), on every labelled validation photo (whole,
 as the whole-image trainer validates): each candidate member set (``--whole-image-ensemble``: every set of the
@@ -66,6 +68,7 @@ from lesiontriage.networks.whole_view import subtype_malignant_logit, whole_view
 from lesiontriage.paths import MODELS_DIR, RUNS_DIR
 from lesiontriage.pipeline import _to_tensor
 from lesiontriage.train.box_rule import BoxRuleStudy, _load, collect, merge_tag, stratum_aucs, validation_detections
+from lesiontriage.train.main_lesion_check import confirm_main_lesion
 from lesiontriage.train.tiers import validation_images
 from lesiontriage.weights import read_metadata, write_metadata
 
@@ -92,6 +95,8 @@ class HybridStudy:
     # Close-up lesion-crop context margins besides the classifier's trained one (crop side = box side x (1 + 2 margin));
     # the sets without given boxes (derm7pt, SD-198) were trained on whole photos, so a close-up's crop may need more.
     crop_margins: tuple[float, ...] = (0.5, 0.75, 1.0)
+    # Step 6's confirmation: HAM10000 validation photos scored (of ~1,200; nearly all frame-filling, untouched by it)
+    main_lesion_ham_cap: int = 300
 
 
 @dataclass
@@ -568,7 +573,14 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
     margin = choose_margin(blends, trained_margin, study)
     chosen = blends[margin]
     weight, frame_weight, ramp, no_lesion_views = chosen.weight, chosen.frame_weight, chosen.ramp, chosen.no_lesion_views
-    main_lesion = chosen.main_lesion
+    main_lesion, main_check = chosen.main_lesion, None
+    if main_lesion:  # step 6's confirmation on every labelled validation photo (train/main_lesion_check.py)
+        pipe.settings = replace(pipe.settings, whole_image_weight=weight, full_frame_weight=frame_weight,
+                                closeup_min_box_fraction=gate, closeup_ramp_from=ramp, no_lesion_views=no_lesion_views,
+                                closeup_ramp_primary_lesion=True,
+                                closeup_crop_margin=None if margin == trained_margin else margin)
+        main_check = confirm_main_lesion(pipe, manifest, data_root, RUNS_DIR / "hybrid", study.min_gain, study.main_lesion_ham_cap)
+        main_lesion = main_check.confirmed
     soft, table = chosen.soft, chosen.table
     record = {
         "whole_image_weight": weight,
@@ -577,6 +589,7 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
         "closeup_ramp_from": ramp,
         "no_lesion_views": no_lesion_views,
         "closeup_ramp_primary_lesion": main_lesion,
+        "main_lesion_confirmation": None if main_check is None else main_check.to_dict(),
         "closeup_crop_margin": margin,
         "crop_margins": [{"margin": m, "trained": m == trained_margin, "macro": round(b.macro, 4), "scene_auc": b.scene_auc,
                           "whole_image_weight": b.weight, "full_frame_weight": b.frame_weight, "ramp_from": b.ramp,
@@ -589,8 +602,9 @@ def choose_hybrid(models_dir: Path = MODELS_DIR, manifest_path: Path | None = No
                       f"gate (ramp_from) replaces the hard one only with a further gain >= {study.min_gain} and validation "
                       f"scenes' image AUC within {study.scene_tolerance} of the hard gate's; photos without a kept "
                       f"lesion scored by the views only with a further gain >= {study.min_gain}; photos inside the ramp scored "
-                      f"on their main lesion only with a further gain >= {study.min_gain} and validation scenes' image AUC "
-                      f"within {study.scene_tolerance}; all of this per crop "
+                      f"on their main lesion only with a further gain >= {study.min_gain}, validation scenes' image AUC "
+                      f"within {study.scene_tolerance} and a gain >= {study.min_gain} on every labelled validation photo "
+                      f"(HAM10000: {study.main_lesion_ham_cap}); all of this per crop "
                       f"margin of the close-ups' lesions (photos under the gate keep the trained one), a margin replacing the classifier's trained {trained_margin:g} only with a gain >= "
                       f"{study.min_gain} and validation scenes' image AUC within {study.scene_tolerance} of its"),
         "chosen_on": (f"validation split: {len(rows)} labelled photos + the HAM10000 ones squashed to 224x224; "
