@@ -424,7 +424,9 @@ class TriagePipeline:
         timings["detect"] = (time.perf_counter() - t) * 1000
         t = time.perf_counter()
         probs, subs = self.lesion_probabilities(img.rgb, boxes) if len(boxes) else self.classify(torch.zeros(0))
-        margin = self.crop_margin(largest_box_fraction(boxes, img.rgb.shape[1], img.rgb.shape[0]))  # what the crops used
+        h, w = img.rgb.shape[:2]
+        fraction = largest_box_fraction(boxes, w, h)  # 0 without a kept box; decides margin, lesion term and blend
+        margin = self.crop_margin(fraction)  # what the crops used
         timings["classify"] = (time.perf_counter() - t) * 1000
         names = self.classifier.config.subtypes
         lesions = [
@@ -433,11 +435,9 @@ class TriagePipeline:
                    box_confidence=None if confidence is None else float(confidence[i]), crop_margin=margin)
             for i, (b, s, p, qs) in enumerate(zip(boxes, det_scores, probs, subs))
         ]
-        h, w = img.rgb.shape[:2]
-        lesion_score, main = self.hybrid_rule.lesion_term(probs, det_scores, aggregate,
-                                                          largest_box_fraction(boxes, w, h) if len(boxes) else 0.0)
+        lesion_score, main = self.hybrid_rule.lesion_term(probs, det_scores, aggregate, fraction)
         score, whole_p, frame_p = lesion_score, None, None
-        photo_rule = self.hybrid_rule.for_photo(boxes, w, h)  # this photo's weights (scaled by a soft gate)
+        photo_rule = self.hybrid_rule.for_fraction(fraction, bool(len(boxes)))  # this photo's weights (soft gate scales them)
         blended = photo_rule is not None
         rule = photo_rule or self.hybrid_rule
         if blended and rule.whole_image_weight > 0:
