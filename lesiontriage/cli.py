@@ -316,7 +316,7 @@ def _train_soup(runs: Optional[str], name: str, *, uniform: bool, export: bool, 
 
 @app.command("train")
 def train(
-    model: str = typer.Argument(..., help="detector | classifier | image-classifier | soup | box-merge | box-rescorer | box-rule | widefield-rule | hybrid | tiers (the last six chosen on validation)"),
+    model: str = typer.Argument(..., help="detector | classifier | image-classifier | soup | box-merge | box-rescorer | box-rule | widefield-rule | hybrid | closeup-rule | tiers (the last seven chosen on validation)"),
     config: Optional[str] = typer.Option(None, "--config", help="TOML config (default: the packaged one for MODEL)"),
     resume: bool = typer.Option(False, "--resume", help="Continue from runs/<name>/checkpoint.pt"),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest parquet (default runs/data/manifest.parquet)"),
@@ -422,8 +422,28 @@ def train(
                           f"{check['n_main_lesion']} scored on their main lesion): macro AUC {check['macro_without']} -> "
                           f"{check['macro_with']} ({'confirmed' if check['confirmed'] else 'not confirmed: off'})")
         return
+    if model == "closeup-rule":
+        from lesiontriage.errors import LesionTriageError
+        from lesiontriage.train.closeup_rule import run_closeup_rule
+        from lesiontriage.train.common import command_line
+
+        try:
+            choice = run_closeup_rule(manifest_path=manifest, data_root=data_root, command=command_line())
+        except (LesionTriageError, FileNotFoundError) as exc:
+            _fail(str(exc))
+        _print_table(choice.top)
+        gains = choice.oof_gains
+        console.print(f"every labelled validation photo: current rule {choice.current_macro:.4f}, best of "
+                      f"{choice.n_guarded} wide-field-safe rules {choice.best_macro:.4f}; out-of-fold gain of choosing "
+                      f"it {sum(gains) / len(gains):+.4f} (min {min(gains):+.4f}); validation scenes' AUC {choice.scene_auc}")
+        c = choice.chosen
+        console.print(f"{'adopted' if choice.adopted else 'kept the current rule'}: whole_image_weight = {c.whole_image_weight}, "
+                      f"full_frame_weight = {c.full_frame_weight}, close-up gate = {c.closeup_min_box_fraction}, soft gate "
+                      f"from = {c.ramp_from}, main lesion in the ramp = {c.ramp_primary_lesion} "
+                      "(run `lesiontriage train tiers` next)")
+        return
     if model not in _TRAIN_DEFAULTS:
-        _fail(f"unknown model {model!r}; choose one of {', '.join(_TRAIN_DEFAULTS)}, soup, box-merge, box-rescorer, box-rule, widefield-rule, hybrid, tiers")
+        _fail(f"unknown model {model!r}; choose one of {', '.join(_TRAIN_DEFAULTS)}, soup, box-merge, box-rescorer, box-rule, widefield-rule, hybrid, closeup-rule, tiers")
     cfg = config or _TRAIN_DEFAULTS[model]
     if export_weights not in ("best.pt", "checkpoint.pt"):  # checked before a run, not after it
         _fail(f"--export-weights must be best.pt or checkpoint.pt, got {export_weights!r}")

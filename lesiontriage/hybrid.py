@@ -16,8 +16,10 @@ validation by ``lesiontriage train hybrid`` (table in ``models/metadata.json`` `
 
 On a wide-field photo (several small moles) both frame views are out of distribution (neither
 model was trained on scenes), so the blend applies only when the largest kept lesion box covers at
-least ``closeup_min_box_fraction`` of the image: that gate is set above every wide-field validation
-photo (real mole photos + synthetic scenes). Optionally (``ramp_from``, a "soft gate") the views'
+least ``closeup_min_box_fraction`` of the image. ``train hybrid`` sets that gate above every wide-field
+validation photo (real mole photos + synthetic scenes; 15%, pushed there by one 14% box); since stop 33
+``train closeup-rule`` re-chooses it on every labelled validation photo with the labelled validation scenes' AUC as
+the guard (train/closeup_rule.py): 5%. Optionally (``ramp_from``, a "soft gate") the views'
 weights do not drop to 0 just under the gate but shrink linearly from full at the gate to 0 at
 ``ramp_from``: a clinical close-up whose detected box covers only 10% of the frame still gets most
 of the frame views' help (validation: derm7pt clinical 0.756 -> 0.784), while a wide-field photo,
@@ -38,7 +40,8 @@ aggregate: their several boxes are mostly parts of one lesion, and averaging the
 ``ramp_from``) keep it too. ``lesiontriage train hybrid`` switches it on only when it gains on its validation sample
 *and* on every labelled validation photo (train/main_lesion_check.py). Stop 32: the sample gained (macro AUC 0.9017
 -> 0.9082, derm7pt clinical 0.793 -> 0.824; 0.8963 -> 0.9013 with the previous lesion classifier), all 802 photos
-gained only 0.9031 -> 0.9072 (derm7pt clinical 0.812 -> 0.821), under the 0.005 bar: it does not ship.
+gained only 0.9031 -> 0.9072 (derm7pt clinical 0.812 -> 0.821), under the 0.005 bar: ``train hybrid`` leaves it off.
+Stop 33: with the 5% gate (ramp 2-5%) ``train closeup-rule`` chose it as part of its best rule, which ships.
 
 Lesion probabilities (box colours) never change: only the image-level triage score does, and the
 result says how it was made.

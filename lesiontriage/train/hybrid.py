@@ -44,8 +44,10 @@ Writes ``pipeline.whole_image_weight``, ``pipeline.full_frame_weight``,
 ``pipeline.whole_image_members``,
 ``pipeline.whole_image_subtype_weight``, ``pipeline.whole_image_temperature``, ``pipeline.whole_image_input_size``,
 ``pipeline.whole_image_flip_tta`` and the tables under
-``pipeline.hybrid_choice`` in ``models/metadata.json``. Run ``train tiers`` afterwards: the tiers are thresholds on
-the scores this rule produces.
+``pipeline.hybrid_choice`` in ``models/metadata.json``. Run ``train closeup-rule`` afterwards (train/closeup_rule.py:
+the same rule family re-chosen on every labelled validation photo, where the gate is guarded by the validation scenes'
+AUC rather than set above every wide-field photo's largest box; since stop 33 it moved the gate from 15% to 5%), then
+``train tiers``: the tiers are thresholds on the scores this rule produces.
 """
 from __future__ import annotations
 

@@ -1,0 +1,107 @@
+"""train/closeup_rule.py: the vectorised grid scores photos exactly as the pipeline's rule does, the wide-field guard
+holds, and a rule replaces the current one only when choosing it pays out of fold."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lesiontriage.hybrid import HybridRule
+from lesiontriage.train.closeup_rule import (CloseupRuleStudy, blend_scores, choose_closeup_rule, grid_rules, grid_search,
+                                             real_widefield_views, widefield_safe)
+
+
+def _photos(n: int = 60, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    frac = rng.choice([0.0, 0.005, 0.03, 0.08, 0.12, 0.2, 0.6], size=n)
+    count = np.where(frac == 0.0, 0, rng.integers(1, 5, size=n))
+    return pd.DataFrame({"stratum": rng.choice(["a/x", "b/y"], size=n), "y": rng.integers(0, 2, size=n),
+                         "lesion": np.where(count > 0, rng.random(n), 0.0), "lesion_main": rng.random(n),
+                         "n": count, "whole": rng.random(n), "frame": rng.random(n), "fraction": frac})
+
+
+def _reference(photos: pd.DataFrame, rule: HybridRule) -> np.ndarray:
+    """The pipeline's arithmetic, photo by photo (HybridRule.for_fraction + blend, main lesion in the ramp)."""
+    out = []
+    for r in photos.itertuples():
+        lesion = r.lesion_main if r.n > 0 and rule.uses_main_lesion(r.fraction) else r.lesion
+        photo_rule = rule.for_fraction(r.fraction, r.n > 0)
+        out.append(photo_rule.blend(lesion, r.whole, r.frame) if photo_rule else lesion)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("rule", [
+    HybridRule(0.6, 0.15, 0.2, 0.02, True),
+    HybridRule(0.6, 0.15, 0.2, 0.02, True, True),
+    HybridRule(0.3, 0.1, 0.0, None, True),
+    HybridRule(0.5, 0.2, 0.3, 0.0, False),
+])
+def test_vectorised_scores_match_the_pipeline_rule(rule):
+    photos = _photos()
+    np.testing.assert_allclose(blend_scores(photos, rule), _reference(photos, rule), atol=1e-12)
+
+
+def test_grid_keeps_the_lesions_say_and_ranks_best_first():
+    rules = grid_rules(0.2, (0.05, 0.15), (None, 0.0, 0.02))
+    assert all(r.lesion_weight >= 0.2 - 1e-9 and r.active for r in rules)
+    assert any(r.ramp_primary_lesion for r in rules) and not any(r.ramp_primary_lesion and r.ramp_from is None for r in rules)
+    photos = _photos(80, seed=1)
+    photos["whole"] = photos["y"] + 0.01 * np.arange(len(photos)) / len(photos)  # the whole-image view is the label
+    table = grid_search(photos, rules[:: max(1, len(rules) // 200)])
+    assert table["macro"].is_monotonic_decreasing
+    assert table.iloc[0]["whole_image_weight"] >= 0.5
+
+
+def _scenes(n: int = 40, seed: int = 2) -> pd.DataFrame:
+    """Wide-field scenes: many small boxes; the lesion mean is informative, the whole-photo views are noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, size=n)
+    return pd.DataFrame({"stratum": "synthetic_scenes", "y": y, "lesion": 0.3 * y + 0.2 * rng.random(n),
+                         "lesion_main": rng.random(n), "n": rng.integers(5, 30, size=n), "whole": rng.random(n),
+                         "frame": rng.random(n), "fraction": rng.choice([0.004, 0.03, 0.06, 0.12], size=n)})
+
+
+def test_widefield_guard():
+    scenes = _scenes()
+    shipped = HybridRule(0.6, 0.15, 0.2, 0.02, True)
+    ok, floor = widefield_safe(shipped, scenes, None, 0.01)
+    assert ok and floor is not None
+    # a rule that lets the noisy views score most scenes costs their AUC beyond the tolerance: refused
+    low_gate = HybridRule(0.8, 0.02, 0.0, None, True)
+    ok, auc = widefield_safe(low_gate, scenes, floor, 0.01)
+    assert not ok and auc < floor - 0.01
+    assert widefield_safe(low_gate, scenes, auc, 0.01) == (True, auc)
+    # real mole photos: reported, not scored (no diagnosis)
+    assert real_widefield_views(shipped, [0.0, 0.001, 0.085, 0.2]) == {"n": 4, "full_view_weight": 1, "mean_view_scale": 0.375}
+
+
+def _closeups(n: int, seed: int, informative_small: bool) -> pd.DataFrame:
+    """Close-ups, half of them of a small lesion (largest box 4-10% of the frame). The whole-image view knows the
+    label on every photo when ``informative_small``; else only above 15%, and is noise below."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, size=n)
+    frac = np.where(np.arange(n) % 2 == 0, rng.uniform(0.04, 0.1, size=n), rng.uniform(0.2, 0.6, size=n))
+    whole = y + 0.6 * rng.standard_normal(n)
+    if not informative_small:
+        whole = np.where(frac < 0.15, rng.standard_normal(n), whole)
+    return pd.DataFrame({"stratum": np.where(np.arange(n) % 4 < 2, "a/x", "b/y"), "y": y,
+                         "lesion": 0.25 * y + 0.6 * rng.random(n), "lesion_main": 0.25 * y + 0.6 * rng.random(n),
+                         "n": 2, "whole": whole, "frame": rng.random(n), "fraction": frac})
+
+
+@pytest.mark.parametrize("informative_small, adopted", [(True, True), (False, False)])
+def test_a_lower_gate_is_adopted_only_when_it_pays_out_of_fold(informative_small, adopted):
+    study = CloseupRuleStudy(weights=(0.0, 0.4, 0.8), gates=(0.02, 0.15), ramps=(None, 0.02), repeats=2)
+    photos = _closeups(400, 3, informative_small)
+    scenes = _scenes().assign(fraction=0.004)  # moles far under every gate: the guard is neutral here
+    # the current rule: the best hard gate at 15%, so only a lower gate can beat it
+    hard = grid_rules(0.2, (0.15,), (None,), study.weights)
+    current = hard[int(grid_search(photos, hard).iloc[0]["rule_index"])]
+    choice = choose_closeup_rule(photos, scenes, [0.001], current, study)
+    assert choice.adopted is adopted
+    if adopted:
+        assert choice.chosen.closeup_min_box_fraction == 0.02
+        assert choice.best_macro - choice.current_macro >= study.min_gain and np.mean(choice.oof_gains) >= study.min_gain
+    else:
+        assert choice.chosen == current
+    assert choice.n_guarded == choice.n_rules
