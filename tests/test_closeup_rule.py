@@ -105,3 +105,13 @@ def test_a_lower_gate_is_adopted_only_when_it_pays_out_of_fold(informative_small
     else:
         assert choice.chosen == current
     assert choice.n_guarded == choice.n_rules
+
+
+def test_cli_closeup_rule_fails_in_one_line_without_a_manifest(tmp_path):
+    from typer.testing import CliRunner
+
+    from lesiontriage.cli import app
+
+    res = CliRunner().invoke(app, ["train", "closeup-rule", "--manifest", str(tmp_path / "absent.parquet")])
+    assert res.exit_code == 1
+    assert "error" in res.output and "absent.parquet" in res.output and "Traceback" not in res.output

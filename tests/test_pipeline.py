@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from lesiontriage.errors import ImageError, ModelError
+from lesiontriage.hybrid import largest_box_fraction
 from lesiontriage.paths import MODELS_DIR
 
 pytestmark = pytest.mark.skipif(not (MODELS_DIR / "metadata.json").exists() or not (MODELS_DIR / "classifier.safetensors").exists(),
@@ -87,7 +88,11 @@ def test_reaggregate_orders_scores_without_rerunning(pipe, photos):
     nor = pipe.reaggregate(res, "noisy_or")
     assert mx.lesions is res.lesions
     assert res.image_score <= mx.image_score + 1e-9 <= nor.image_score + 2e-9
-    assert mx.lesion_score == pytest.approx(max(l.p_malignant for l in res.lesions))
+    # inside the soft gate's ramp with the main-lesion rule on, every aggregate's lesion term is the main lesion's p
+    main = mx.lesions[mx.main_lesion].p_malignant if mx.main_lesion is not None else None
+    assert mx.lesion_score == pytest.approx(main if main is not None else max(l.p_malignant for l in res.lesions))
+    assert (mx.main_lesion is not None) == pipe.hybrid_rule.uses_main_lesion(
+        largest_box_fraction(np.array([l.box for l in res.lesions]), res.width, res.height))
     # a blended photo (close-up, soft gate) keeps its views and weights; the score is the same weighted mean
     expected = pipe.result_rule(mx).blend(mx.lesion_score, mx.whole_image_score, mx.full_frame_score) if mx.blended \
         else mx.lesion_score
