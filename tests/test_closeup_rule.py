@@ -115,3 +115,46 @@ def test_cli_closeup_rule_fails_in_one_line_without_a_manifest(tmp_path):
     res = CliRunner().invoke(app, ["train", "closeup-rule", "--manifest", str(tmp_path / "absent.parquet")])
     assert res.exit_code == 1
     assert "error" in res.output and "absent.parquet" in res.output and "Traceback" not in res.output
+
+
+class _ViewsPipe:
+    """Records the settings each photo is scored under; shaped like TriagePipeline.predict's result."""
+
+    def __init__(self, settings) -> None:
+        self.settings, self.seen = settings, []
+
+    def predict(self, image, aggregate, name=None):
+        from lesiontriage.results import Lesion, TriageResult, Tier
+
+        s = self.settings
+        self.seen.append(s)
+        lesions = [Lesion(0, [0, 0, 50, 50], 0.9, 0.2), Lesion(1, [60, 60, 70, 70], 0.95, 0.6)]
+        whole = 0.7 if s.whole_image_weight > 0 else None  # as the pipeline: a view with weight 0 is not computed
+        frame = 0.8 if s.full_frame_weight > 0 else None
+        return TriageResult(str(name or image), 100, 100, lesions, aggregate, 0.5, Tier("routine", "", None), None, {},
+                            lesion_score=0.4, whole_image_score=whole, full_frame_score=frame)
+
+
+def test_photo_views_computes_both_views_whatever_weights_ship(tmp_path):
+    from PIL import Image
+
+    from lesiontriage.errors import ModelError
+    from lesiontriage.pipeline import PipelineSettings
+    from lesiontriage.train.closeup_rule import photo_views
+
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (40, 30), (200, 150, 120)).save(tmp_path / name)
+    rows = pd.DataFrame({"path": [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")], "source": ["derm7pt", "ham10000"],
+                         "modality": ["clinical", "dermoscopy"], "malignant": [1.0, 0.0]})
+    shipped = PipelineSettings(whole_image_weight=0.8, full_frame_weight=0.0, closeup_min_box_fraction=0.05,
+                               closeup_ramp_from=0.02, no_lesion_views=True, closeup_ramp_primary_lesion=True)
+    pipe = _ViewsPipe(shipped)
+    views = photo_views(pipe, rows, squashed=True)
+    assert pipe.settings == shipped  # restored
+    assert len(views) == 3 and list(views["stratum"]) == ["derm7pt/clinical", "ham10000/dermoscopy", "ham10000/dermoscopy_224sq"]
+    assert views["whole"].notna().all() and views["frame"].notna().all()
+    assert all(s.closeup_min_box_fraction == 0.0 and not s.closeup_ramp_primary_lesion for s in pipe.seen)
+    # the main lesion is the most confident detection (index 1), the fraction the largest box's share of the photo
+    assert views["lesion_main"].iloc[0] == pytest.approx(0.6) and views["fraction"].iloc[0] == pytest.approx(0.25)
+    with pytest.raises(ModelError, match="crop margin"):
+        photo_views(_ViewsPipe(PipelineSettings(closeup_crop_margin=0.75)), rows)

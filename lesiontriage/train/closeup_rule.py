@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from lesiontriage.aggregation import aggregate
 from lesiontriage.data.manifest import load_manifest, manifest_hash, resolve_path
+from lesiontriage.errors import ModelError
 from lesiontriage.hybrid import HybridRule, largest_box_fraction, main_lesion_index
 from lesiontriage.paths import MODELS_DIR, RUNS_DIR
 from lesiontriage.train.box_rule import SQUASHED_STRATUM, stratum_aucs
@@ -71,11 +72,16 @@ class CloseupRuleStudy:
 
 def photo_views(pipe, rows: pd.DataFrame, squashed: bool = True, data_root: Path | None = None) -> pd.DataFrame:
     """Per photo: the lesion terms (mean / max / noisy-OR / main lesion), kept lesions, largest-box fraction and both
-    whole-photo views, from the pipeline run with the close-up gate at 0 (so both views exist for every photo).
-    With ``squashed`` the HAM10000 photos are scored a second time squashed to 224x224 (``SQUASHED_STRATUM``)."""
+    whole-photo views, from the pipeline run with the close-up gate at 0 and both views weighted (so both exist for
+    every photo, whatever weights ship: a view with weight 0 is not computed). With ``squashed`` the HAM10000 photos
+    are scored a second time squashed to 224x224 (``SQUASHED_STRATUM``). A close-up crop margin would, with the gate
+    at 0, widen every photo's crops, so the study refuses one (it ships unset: the trained margin)."""
     shipped = pipe.settings
+    if shipped.closeup_crop_margin is not None:
+        raise ModelError("the close-up rule study assumes the classifier's trained crop margin; "
+                         f"pipeline.closeup_crop_margin is {shipped.closeup_crop_margin}")
     pipe.settings = dataclasses.replace(shipped, closeup_min_box_fraction=0.0, closeup_ramp_from=None, no_lesion_views=True,
-                                        closeup_ramp_primary_lesion=False)
+                                        closeup_ramp_primary_lesion=False, whole_image_weight=0.5, full_frame_weight=0.3)
     jobs = [(r, False) for _, r in rows.iterrows()]
     if squashed:
         jobs += [(r, True) for _, r in rows[rows["source"] == "ham10000"].iterrows()]
