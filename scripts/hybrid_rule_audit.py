@@ -19,10 +19,10 @@ the HAM10000 photos are also scored squashed to 224x224 (the ISIC 2018 test look
 -0.0019, so within that space the rule holds; (b) a free space (gates from 5%, ramps from 0, no lesion floor, 2,795
 rules): best 0.9190, out of fold +0.0082, but validation scenes' AUC 0.613 -> 0.563 (ramp from 1%). The gain lies in
 the gate, which led to ``lesiontriage train closeup-rule`` (lesiontriage/train/closeup_rule.py): the same family over
-every study gate with the scenes' AUC as the guard. It chose gate 5%, ramp from 2%, whole view 0.8, main lesion in
-the ramp (0.9171). Re-audited after it shipped (the committed report): without the soft gate 0.9154, without the
-no-lesion views 0.8933, without the main lesion 0.9170 (it adds nothing measurable at this gate), hard gate alone
-0.8916; ``--grid`` out of fold: -0.0029 in ``train hybrid``'s space, -0.0018 in the free space: nothing beats it.
+every study gate with the scenes' AUC as the guard. It chose gate 5%, ramp from 2%, whole view 0.8 and no full-frame
+view (0.9170; the main lesion in the ramp would add +0.0001, under its own 0.005 bar). Re-audited after it shipped
+(the committed report): without the soft gate 0.9154, without the no-lesion views 0.8932, hard gate alone 0.8916;
+``--grid`` out of fold: -0.0029 in ``train hybrid``'s space, -0.0018 in the free space: nothing beats it.
 
     python scripts/hybrid_rule_audit.py [--ham-cap 300] [--grid] [--out models/reports/hybrid_rule_audit.json]
 """

@@ -12,7 +12,8 @@ squashed to 224x224) runs the shipped detector and the shipped whole-image view 
 scores are joined to the audit's cached views, and a candidate rule adds the zoom view to the shipped close-up blend
 (a share of the views' weight moved to it), chosen on the photos and checked out of fold like the audit's grid.
 
-Stop 33 (2026-12-07, 1,102 photos, ~15 min, with the rule ``train closeup-rule`` chose: 5% gate, whole view 0.8):
+Stop 33 (2026-12-07, 1,102 photos, ~15 min, with the first rule ``train closeup-rule`` chose: 5% gate, whole view 0.8,
+main lesion in the ramp):
 shipped 0.9171. The zoom view alone: derm7pt clinical 0.752 / 0.804 / 0.811 at context 1.5 / 2.5 / 4 (the whole view:
 0.798), HAM10000 squashed 0.857-0.908 (whole 0.915). Added to the blend: best context 4, share 0.25, 0.9190 (+0.0019);
 out of fold +0.0007 (min -0.0067). No gain: not built into the pipeline.

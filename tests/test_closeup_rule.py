@@ -158,3 +158,22 @@ def test_photo_views_computes_both_views_whatever_weights_ship(tmp_path):
     assert views["lesion_main"].iloc[0] == pytest.approx(0.6) and views["fraction"].iloc[0] == pytest.approx(0.25)
     with pytest.raises(ModelError, match="crop margin"):
         photo_views(_ViewsPipe(PipelineSettings(closeup_crop_margin=0.75)), rows)
+
+
+@pytest.mark.parametrize("main_informative", [True, False])
+def test_the_main_lesion_must_earn_its_own_gain(main_informative):
+    from lesiontriage.train.closeup_rule import best_rule
+
+    rng = np.random.default_rng(5)
+    n = 200
+    y = rng.integers(0, 2, size=n)
+    lesion = 0.2 * y + rng.random(n)
+    photos = pd.DataFrame({"stratum": "a/x", "y": y, "lesion": lesion, "n": 3, "whole": 0.3 * y + rng.random(n),
+                           "frame": rng.random(n), "fraction": rng.uniform(0.025, 0.045, size=n),
+                           # a tie (the same p) or the label itself
+                           "lesion_main": y.astype(float) if main_informative else lesion})
+    plain = HybridRule(0.4, 0.05, 0.0, 0.02, True)
+    main = HybridRule(0.4, 0.05, 0.0, 0.02, True, True)
+    best, macro, table = best_rule(photos, [main, plain], 0.005)
+    assert best == (main if main_informative else plain)
+    assert table[main] >= table[plain] - 1e-12 and macro == table[best]

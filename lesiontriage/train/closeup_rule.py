@@ -20,7 +20,9 @@ frame, and the shipped soft gate already gives 6 of 17 some view weight; the rec
 weight under each rule. The views never change a lesion's box or probability, only the image score. A candidate
 replaces the current rule only when (1) it gains >= ``min_gain`` macro AUC on the photos, and (2) *choosing* it is
 worth >= ``min_gain`` out of fold: stratified 2-fold splits, repeated, the grid's best on one half scored against the
-current rule on the other, so the selection's own optimism (best of ~1,300 rules) cannot pass the bar.
+current rule on the other, so the selection's own optimism (best of ~1,300 rules) cannot pass the bar. As in
+``train hybrid``, scoring the ramp's photos on their main lesion must earn its own ``min_gain`` over the same rule
+without it (stop 33's first run chose it on a +0.0001 tie; the rule then shipped without it).
 Writes ``pipeline.closeup_min_box_fraction``, ``closeup_ramp_from``,
 ``whole_image_weight``, ``full_frame_weight``, ``closeup_ramp_primary_lesion`` and the record
 ``pipeline.closeup_rule_choice``; run ``train tiers`` and ``evaluate`` afterwards.
@@ -175,10 +177,24 @@ def grid_search(photos: pd.DataFrame, rules: list[HybridRule]) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values("macro", ascending=False, ignore_index=True)
 
 
+def best_rule(photos: pd.DataFrame, rules: list[HybridRule], main_lesion_gain: float) -> tuple[HybridRule, float, dict]:
+    """(best rule, its macro AUC, every rule's macro). A rule scoring the ramp's photos on their main lesion counts only
+    when it beats the same rule without by ``main_lesion_gain``: the project's bar for that switch (``train hybrid``
+    step 6), so a tie never turns it on."""
+    macro = {r: macro_of(photos, blend_scores(photos, r)) for r in rules}
+
+    def eligible(r: HybridRule) -> bool:
+        plain = dataclasses.replace(r, ramp_primary_lesion=False)
+        return not r.ramp_primary_lesion or plain not in macro or macro[r] - macro[plain] >= main_lesion_gain
+
+    best = max((r for r in rules if eligible(r)), key=macro.__getitem__)
+    return best, macro[best], macro
+
+
 def out_of_fold_gain(photos: pd.DataFrame, rules: list[HybridRule], current: HybridRule, folds: int = 2,
-                     repeats: int = 5, seed: int = 0) -> list[float]:
+                     repeats: int = 5, seed: int = 0, main_lesion_gain: float = 0.0) -> list[float]:
     """Is choosing the rule on these photos better than ``current`` on photos it was not chosen on? Stratified
-    (stratum x label) ``folds``-fold splits, ``repeats`` times: per split the grid's best on the other folds minus
+    (stratum x label) ``folds``-fold splits, ``repeats`` times: per split :func:`best_rule` on the other folds minus
     ``current``, both scored on the held-out fold."""
     rng = np.random.default_rng(seed)
     gains = []
@@ -188,7 +204,7 @@ def out_of_fold_gain(photos: pd.DataFrame, rules: list[HybridRule], current: Hyb
             fold[idx] = rng.permutation(len(idx)) % folds
         for k in range(folds):
             train, test = photos[fold != k], photos[fold == k]
-            best = max(rules, key=lambda r: macro_of(train, blend_scores(train, r)))
+            best = best_rule(train, rules, main_lesion_gain)[0]
             gains.append(macro_of(test, blend_scores(test, best)) - macro_of(test, blend_scores(test, current)))
     return gains
 
@@ -247,11 +263,11 @@ def choose_closeup_rule(photos: pd.DataFrame, scenes: pd.DataFrame, real_fractio
     current_scene = widefield_safe(current, scenes, None, study.scene_tolerance)[1]
     rules = grid_rules(study.min_lesion_weight, study.gates, study.ramps, study.weights)
     guarded = [r for r in rules if widefield_safe(r, scenes, current_scene, study.scene_tolerance)[0]]
-    table = grid_search(photos, guarded)
-    best = guarded[int(table.iloc[0]["rule_index"])]
+    best, best_macro, macro = best_rule(photos, guarded, study.min_gain)
+    table = pd.DataFrame([{**dataclasses.asdict(r), "macro": m} for r, m in macro.items()]).sort_values(
+        "macro", ascending=False, ignore_index=True)
     current_macro = macro_of(photos, blend_scores(photos, current))
-    best_macro = float(table.iloc[0]["macro"])
-    gains = out_of_fold_gain(photos, guarded, current, study.folds, study.repeats, study.seed)
+    gains = out_of_fold_gain(photos, guarded, current, study.folds, study.repeats, study.seed, study.min_gain)
     adopted = best_macro - current_macro >= study.min_gain and float(np.mean(gains)) >= study.min_gain
     chosen = best if adopted else current
     per_stratum = {name: {k: round(v, 4) for k, v in stratum_aucs(photos.assign(score=blend_scores(photos, r))).items()}
@@ -261,7 +277,7 @@ def choose_closeup_rule(photos: pd.DataFrame, scenes: pd.DataFrame, real_fractio
                              {"current": current_scene, "best": scene_best}, per_stratum,
                              {"current": real_widefield_views(current, real_fractions), "best": real_widefield_views(best, real_fractions)},
                              len(rules), len(guarded),
-                             table.drop(columns="rule_index").head(10).round(4).to_dict(orient="records"))
+                             table.head(10).round(4).to_dict(orient="records"))
 
 
 def run_closeup_rule(models_dir: Path = MODELS_DIR, manifest_path: Path | None = None, data_root: Path | None = None,
