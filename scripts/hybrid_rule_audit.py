@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +41,11 @@ from rich.table import Table
 
 from lesiontriage.data.manifest import load_manifest, manifest_hash
 from lesiontriage.hybrid import HybridRule
-from lesiontriage.paths import RUNS_DIR
 from lesiontriage.pipeline import TriagePipeline
 from lesiontriage.train.box_rule import stratum_aucs
 from lesiontriage.train.closeup_rule import (blend_scores, cached_photo_views, grid_rules, grid_search, macro_of,
-                                             out_of_fold_gain)
-from lesiontriage.train.hybrid import HybridStudy, scene_auc
+                                             out_of_fold_gain, validation_scene_frame, widefield_safe)
+from lesiontriage.train.hybrid import HybridStudy
 from lesiontriage.train.main_lesion_check import confirmation_rows
 
 
@@ -58,15 +56,7 @@ def rule_macro(photos: pd.DataFrame, rule: HybridRule) -> tuple[float, dict[str,
     return float(np.mean(list(aucs.values()))), aucs
 
 
-def validation_scenes(pipe: TriagePipeline) -> list | None:
-    """The labelled synthetic validation scenes as ``train hybrid`` cached them for the current detector and
-    classifier (its soft-gate check), or None when that cache is absent (run ``train hybrid`` first)."""
-    det, clf = pipe.metadata["models"]["detector"]["sha256"][:12], pipe.clf_meta["sha256"][:12]
-    found = sorted(p for p in (RUNS_DIR / "hybrid").glob(f"scenes_{det}_*_{clf}_*.pkl") if "_c" not in p.name.split(clf)[1])
-    return pickle.loads(found[0].read_bytes()) if found else None
-
-
-def grid_report(photos: pd.DataFrame, shipped: HybridRule, scenes: list | None) -> dict:
+def grid_report(photos: pd.DataFrame, shipped: HybridRule, scenes: pd.DataFrame) -> dict:
     """Two grids, printed and returned for the report, each with the out-of-fold gain of choosing its best here:
     ``train hybrid``'s own space (the shipped gate, which lies above every wide-field validation photo's largest box;
     its soft-gate starts; lesion weight >= 0.2), and, descriptively, a free one (any gate from 5%, ramps from 0, no
@@ -81,17 +71,17 @@ def grid_report(photos: pd.DataFrame, shipped: HybridRule, scenes: list | None) 
     for name, rules in spaces.items():
         table = grid_search(photos, rules)
         best = table.iloc[0]
-        best_rule = HybridRule(**{k: best[k] for k in dataclasses.asdict(shipped)})
+        best_rule = rules[int(best["rule_index"])]
         gains = out_of_fold_gain(photos, rules, shipped)
-        scene = {label: (round(v, 4) if (v := scene_auc(rule, scenes, "mean")) is not None else None)
-                 for label, rule in (("shipped", shipped), ("best", best_rule))} if scenes else None
+        scene = {label: (round(v, 4) if (v := widefield_safe(rule, scenes, None, 0.0)[1]) is not None else None)
+                 for label, rule in (("shipped", shipped), ("best", best_rule))}
         console.print(f"{name}: {len(rules)} rules; shipped {shipped_macro:.4f}; best {best['macro']:.4f} "
                       f"(whole {best['whole_image_weight']}, frame {best['full_frame_weight']}, gate {best['closeup_min_box_fraction']}, "
                       f"ramp {best['ramp_from']}, main lesion {best['ramp_primary_lesion']}); out-of-fold gain of choosing here: "
                       f"mean {np.mean(gains):+.4f} (min {np.min(gains):+.4f}, max {np.max(gains):+.4f}); validation scenes' AUC {scene}")
         record[name] = {
             "n_rules": len(rules), "shipped_macro": round(shipped_macro, 4), "scene_auc": scene,
-            "top": table.head(5).round(4).to_dict(orient="records"),
+            "top": table.drop(columns="rule_index").head(5).round(4).to_dict(orient="records"),
             "out_of_fold_gain": {"mean": round(float(np.mean(gains)), 4), "min": round(float(np.min(gains)), 4),
                                  "max": round(float(np.max(gains)), 4), "splits": len(gains), "folds": 2}}
     return record
@@ -130,7 +120,7 @@ def main() -> None:
     Console().print(table)
     grid_record = None
     if args.grid:
-        grid_record = grid_report(photos, candidates["shipped"], validation_scenes(pipe))
+        grid_record = grid_report(photos, candidates["shipped"], validation_scene_frame(pipe))
     if args.out:
         args.out.write_text(json.dumps({"command": "python scripts/hybrid_rule_audit.py", "date": dt.date.today().isoformat(),
                                         "manifest_hash": manifest_hash(manifest), "n_photos": len(photos),

@@ -222,6 +222,15 @@ def scene_frame(scenes: list) -> pd.DataFrame:
     return pd.DataFrame(recs)
 
 
+def validation_scene_frame(pipe) -> pd.DataFrame:
+    """``train hybrid``'s labelled synthetic validation scenes (seed and count of its study) with both views computed
+    for every scene whatever the rule, cached under ``runs/hybrid_audit/`` per detector, classifier and view."""
+    sha = pipe.metadata["models"]
+    cache = RUNS_DIR / "hybrid_audit" / (f"scenes_{sha['detector']['sha256'][:12]}_{sha['classifier']['sha256'][:12]}_"
+                                         f"{pipe.image_clf_meta['sha256'][:12]}.pkl")
+    return scene_frame(_scene_views(pipe, HybridStudy(), cache))
+
+
 def widefield_safe(rule: HybridRule, scenes: pd.DataFrame, floor: float | None, tolerance: float) -> tuple[bool, float | None]:
     """(passes, scenes' AUC): the labelled validation scenes' image AUC stays within ``tolerance`` of ``floor`` (the
     current rule's; None: no floor), ``train hybrid``'s own guard for its soft gate."""
@@ -294,9 +303,7 @@ def run_closeup_rule(models_dir: Path = MODELS_DIR, manifest_path: Path | None =
     wide = _widefield_fractions(pipe, manifest, hstudy, data_root)
     real = [w["largest_box_fraction"] for w in wide if w["kind"] == "real"]
     sha = pipe.metadata["models"]
-    scene_cache = RUNS_DIR / "hybrid_audit" / (f"scenes_{sha['detector']['sha256'][:12]}_{sha['classifier']['sha256'][:12]}_"
-                                               f"{pipe.image_clf_meta['sha256'][:12]}.pkl")
-    scenes = scene_frame(_scene_views(pipe, hstudy, scene_cache))  # views computed for every scene, whatever the rule
+    scenes = validation_scene_frame(pipe)
     s = pipe.settings
     current = HybridRule(s.whole_image_weight, s.closeup_min_box_fraction, s.full_frame_weight, s.closeup_ramp_from,
                          s.no_lesion_views, s.closeup_ramp_primary_lesion)
