@@ -20,6 +20,22 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _warn_stale_closeup_rule(models_dir: Optional[Path] = None) -> None:
+    """One warning line on stderr when the shipped close-up rule is not `train closeup-rule`'s choice for the shipped
+    models (the rule chain hybrid -> closeup-rule -> tiers was broken off); silent when metadata cannot be read."""
+    from lesiontriage.errors import LesionTriageError
+    from lesiontriage.paths import MODELS_DIR
+    from lesiontriage.train.closeup_rule import stale_closeup_rule
+    from lesiontriage.weights import read_metadata
+
+    try:
+        reason = stale_closeup_rule(read_metadata(models_dir or MODELS_DIR))
+    except (LesionTriageError, OSError, ValueError, KeyError, TypeError):
+        return  # the command itself reports an unreadable model folder
+    if reason:
+        err_console.print(f"[yellow]warning:[/yellow] close-up rule out of date: {reason}", highlight=False)
+
+
 def _fail(message: str) -> None:
     # soft_wrap: one line whatever the terminal width, so scripts can grep it.
     err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
@@ -75,6 +91,7 @@ def evaluate_cmd(
                             n_boot=n_boot, n_boot_paired=2 * n_boot, workers=workers,
                             cache_dir=None if no_cache else RUNS_DIR / "eval_cache",
                             command=" ".join(["lesiontriage", *sys.argv[1:]]))
+    _warn_stale_closeup_rule(settings.models_dir)
     try:
         res = evaluate(settings)
     except LesionTriageError as exc:
@@ -347,6 +364,7 @@ def train(
         from lesiontriage.train.common import command_line
         from lesiontriage.train.tiers import calibrate_tiers
 
+        _warn_stale_closeup_rule()
         chosen = calibrate_tiers(manifest_path=manifest, data_root=data_root, command=command_line())
         for mode, entry in chosen.items():
             for agg, thr in entry["thresholds"].items():
@@ -413,7 +431,7 @@ def train(
                       f"no-lesion photos scored by the views = {record.get('no_lesion_views', False)}, photos in the ramp "
                       f"scored on their main lesion = {record.get('closeup_ramp_primary_lesion', False)}, close-up crop "
                       f"margin = {record.get('closeup_crop_margin')} "
-                      "(run `lesiontriage train tiers` next)")
+                      "(run `lesiontriage train closeup-rule`, then `train tiers` next: this reset the close-up rule)")
         for cand in record.get("soft_gate", {}).get("candidates", []):
             console.print("  soft gate " + "  ".join(f"{k}={v}" for k, v in cand.items()))
         check = record.get("main_lesion_confirmation")

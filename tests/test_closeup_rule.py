@@ -2,6 +2,8 @@
 holds, and a rule replaces the current one only when choosing it pays out of fold."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -177,3 +179,54 @@ def test_the_main_lesion_must_earn_its_own_gain(main_informative):
     best, macro, table = best_rule(photos, [main, plain], 0.005)
     assert best == (main if main_informative else plain)
     assert table[main] >= table[plain] - 1e-12 and macro == table[best]
+
+
+def _chain_metadata() -> dict:
+    """A model card after hybrid -> closeup-rule: the pipeline holds the closeup-rule's choice for these models."""
+    chosen = HybridRule(0.8, 0.05, 0.0, 0.02, True, False)
+    return {"models": {"detector": {"sha256": "d1"}, "classifier": {"sha256": "c1"}, "image_classifier": {"sha256": "w1"},
+                       "management": {"sha256": "m1"}},
+            "pipeline": {"hybrid_choice": {"closeup_min_box_fraction": 0.15}, "whole_image_weight": 0.8,
+                         "full_frame_weight": 0.0, "closeup_min_box_fraction": 0.05, "closeup_ramp_from": 0.02,
+                         "no_lesion_views": True, "closeup_ramp_primary_lesion": False,
+                         "closeup_rule_choice": {"chosen": dataclasses.asdict(chosen),
+                                                 "model_sha256": {"detector": "d1", "classifier": "c1",
+                                                                  "image_classifier": "w1", "management": "m1"}}}}
+
+
+def test_a_broken_rule_chain_is_named():
+    from lesiontriage.train.closeup_rule import stale_closeup_rule
+
+    meta = _chain_metadata()
+    assert stale_closeup_rule(meta) is None
+    meta["models"]["management"]["sha256"] = "m2"  # a model the image score does not use
+    assert stale_closeup_rule(meta) is None
+    rerun_hybrid = _chain_metadata()
+    rerun_hybrid["pipeline"].update(closeup_min_box_fraction=0.15, whole_image_weight=0.6)
+    assert "closeup_min_box_fraction" in stale_closeup_rule(rerun_hybrid) and "whole_image_weight" in stale_closeup_rule(rerun_hybrid)
+    new_member = _chain_metadata()
+    new_member["models"]["image_classifier"]["sha256"] = "w2"
+    new_member["models"]["image_classifier_2"] = {"sha256": "x"}
+    assert "image_classifier, image_classifier_2" in stale_closeup_rule(new_member)
+    never_run = _chain_metadata()
+    del never_run["pipeline"]["closeup_rule_choice"]
+    assert "no `train closeup-rule` record" in stale_closeup_rule(never_run)
+    del never_run["pipeline"]["hybrid_choice"]
+    assert stale_closeup_rule(never_run) is None  # nothing chosen on validation yet: nothing to be out of date
+
+
+def test_cli_warns_in_one_line_when_the_rule_chain_is_broken(tmp_path, monkeypatch):
+    import json
+
+    from lesiontriage import cli
+
+    meta = _chain_metadata()
+    meta["pipeline"]["closeup_min_box_fraction"] = 0.15
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    lines = []
+    monkeypatch.setattr(cli.err_console, "print", lambda text, **kw: lines.append(text))
+    cli._warn_stale_closeup_rule(tmp_path)
+    assert len(lines) == 1 and "close-up rule out of date" in lines[0] and "closeup_min_box_fraction" in lines[0]
+    lines.clear()
+    cli._warn_stale_closeup_rule(tmp_path / "absent")  # no model folder: the command itself reports it
+    assert lines == []

@@ -341,3 +341,42 @@ def test_cli_soup_needs_two_runs_and_fails_in_one_line():
     res = CliRunner().invoke(app, ["train", "soup", "--runs", "only_one_run"])
     assert res.exit_code == 1
     assert "at least two" in res.output and "Traceback" not in res.output
+
+
+def test_rank_loss_compares_only_malignant_benign_pairs_of_one_stratum():
+    from lesiontriage.train.classifier import within_stratum_rank_loss
+
+    y = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    strata = torch.tensor([0, 0, 1, 1])
+    # Stratum 0 is ordered right and stratum 1 wrong; the cross-stratum pairs (2 vs 1, 0 vs 3) must not count.
+    z = torch.tensor([5.0, -5.0, -1.0, 1.0], requires_grad=True)
+    loss = within_stratum_rank_loss(z, y, strata)
+    expected = (torch.nn.functional.softplus(torch.tensor(-10.0)) + torch.nn.functional.softplus(torch.tensor(2.0))) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert z.grad[2] < 0 < z.grad[3]  # descent raises the misordered malignant photo, lowers its benign partner
+    # Ordering every stratum right lowers the loss; a batch without a same-stratum pair gives 0 and a gradient.
+    assert within_stratum_rank_loss(torch.tensor([5.0, -5.0, 3.0, -3.0]), y, strata) < loss
+    lone = torch.tensor([2.0, -2.0], requires_grad=True)
+    zero = within_stratum_rank_loss(lone, torch.tensor([1.0, 0.0]), torch.tensor([0, 1]))
+    zero.backward()
+    assert zero.item() == 0.0 and lone.grad is not None
+
+
+def test_classifier_training_with_the_rank_loss_runs(tiny, tmp_path):
+    from lesiontriage.train.classifier import ClassifierTrainConfig, ClassifierTrainer, IndexedSamples
+
+    root, manifest = tiny
+    cfg = ClassifierTrainConfig(name="tiny_rank", mode="whole", network={"input_size": 64}, sources=["ham10000"],
+                                source_shares={"ham10000": 1.0}, epoch_samples=16, batch_size=8, warmup_epochs=0,
+                                epochs=1, num_workers=0, bf16=False, rank_loss_weight=1.0)
+    trainer = ClassifierTrainer(cfg, manifest_path=manifest, data_root=root)
+    x, y, s, rows = next(iter(torch.utils.data.DataLoader(IndexedSamples(trainer.train_ds, list(range(8))),
+                                                          batch_size=8)))
+    trainer.model.eval()  # no dropout: the two losses see the same logits
+    with_rank = trainer._loss(x, y, s, rows).item()
+    trainer.cfg.rank_loss_weight = 0.0
+    assert with_rank > trainer._loss(x, y, s, rows).item()  # the ranking term adds a positive amount
+    trainer.cfg.rank_loss_weight = 1.0
+    out = trainer.fit()
+    assert np.isfinite(out["history"][-1]["train_loss"])

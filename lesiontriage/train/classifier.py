@@ -72,6 +72,10 @@ class ClassifierTrainConfig:
     # Weight of an auxiliary loss: predict derm7pt's seven dermoscopic criteria (data/seven_point.py) from either photo
     # of a case, through a training-only head on the pooled features (not exported). 0 = off.
     seven_point_weight: float = 0.0
+    # Weight of a pairwise ranking loss on the malignant logit, over (malignant, benign) pairs of the same source and
+    # modality within a batch (``within_stratum_rank_loss``). Why: every target is an AUC *per data set*, and the
+    # BCE term also spends capacity ranking one source's photos against another's. 0 = off.
+    rank_loss_weight: float = 0.0
 
 
 class IndexedSamples(torch.utils.data.Dataset):
@@ -86,6 +90,21 @@ class IndexedSamples(torch.utils.data.Dataset):
     def __getitem__(self, k: int):
         i = self.indices[k]
         return (*self.dataset[i], i)
+
+
+def within_stratum_rank_loss(logits: torch.Tensor, y: torch.Tensor, strata: torch.Tensor) -> torch.Tensor:
+    """Mean softplus(-(z_pos - z_neg)) over every (malignant, benign) pair that shares a stratum.
+
+    A smooth surrogate of 1 - AUC computed inside each stratum (source x modality), so the gradient only asks the
+    network to order photos that a per-data-set AUC compares. Soft labels (label smoothing) count as malignant above
+    0.5. Zero, with a gradient, when the batch holds no such pair."""
+    pos = y > 0.5
+    same = strata[:, None] == strata[None, :]
+    pairs = same & pos[:, None] & ~pos[None, :]
+    if not bool(pairs.any()):
+        return logits.sum() * 0.0
+    margins = logits[:, None] - logits[None, :]
+    return nn.functional.softplus(-margins[pairs]).mean()
 
 
 def _sample_weights(rows: pd.DataFrame, shares: dict[str, float]) -> np.ndarray:
@@ -184,6 +203,9 @@ class ClassifierTrainer:
         if cfg.init_from:
             self.model.load_state_dict(load_shipped_state(cfg.init_from))
         self.steps_per_epoch = cfg.epoch_samples // cfg.batch_size
+        # Stratum code per training row (source x modality), for the ranking loss.
+        strata = (self.train_rows["source"] + "/" + self.train_rows["modality"]).astype("category")
+        self.row_strata = torch.from_numpy(strata.cat.codes.to_numpy().astype(np.int64))
         # Training-only auxiliary head (seven_point_weight > 0): never part of the exported weights.
         self.aux_head: nn.Module | None = None
         if cfg.seven_point_weight > 0:
@@ -238,7 +260,7 @@ class ClassifierTrainer:
         return [entry], {"score": aucs["macro"], "epoch": -1, "val_auc": aucs}
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Binary + weighted sub-type loss, plus the seven-point auxiliary loss when it is on."""
+        """Binary + weighted sub-type loss, plus the seven-point auxiliary and the ranking loss when they are on."""
         cfg = self.cfg
         with autocast(cfg.bf16):
             mal, subl, f = self.model.forward_with_features(x)
@@ -246,6 +268,8 @@ class ClassifierTrainer:
         loss = self.bce(mal.float(), y) + cfg.subtype_loss_weight * self.ce(subl.float(), s)
         if aux is not None:
             loss = loss + cfg.seven_point_weight * masked_bce(aux.float(), self.aux_targets[rows])
+        if cfg.rank_loss_weight > 0:
+            loss = loss + cfg.rank_loss_weight * within_stratum_rank_loss(mal.float(), y, self.row_strata[rows])
         return loss
 
     def fit(self, resume: bool = False) -> dict[str, Any]:

@@ -289,6 +289,42 @@ def choose_closeup_rule(photos: pd.DataFrame, scenes: pd.DataFrame, real_fractio
                              table.head(10).round(4).to_dict(orient="records"))
 
 
+# Pipeline setting -> field of HybridRule: what this step writes.
+RULE_SETTINGS = {"whole_image_weight": "whole_image_weight", "full_frame_weight": "full_frame_weight",
+                 "closeup_min_box_fraction": "closeup_min_box_fraction", "closeup_ramp_from": "ramp_from",
+                 "no_lesion_views": "no_lesion_views", "closeup_ramp_primary_lesion": "ramp_primary_lesion"}
+
+
+def _scores_image(model_key: str) -> bool:
+    """Whether a shipped model feeds the product's image score (the management and clinical models do not, nor does
+    the one-step baseline detector)."""
+    return model_key in ("detector", "box_rescorer") or model_key.startswith(("classifier", "image_classifier"))
+
+
+def stale_closeup_rule(meta: dict[str, Any]) -> str | None:
+    """Why the shipped close-up rule is not the one this step chose for the shipped models; None when it is.
+
+    Why: ``train hybrid`` writes its own close-up rule, so re-running it (or exporting a new network) after this
+    step silently undoes or outdates the choice. ``train tiers`` and ``evaluate`` print this as a warning."""
+    pipeline = meta.get("pipeline", {})
+    record = pipeline.get("closeup_rule_choice")
+    if not record:
+        return ("no `train closeup-rule` record: the close-up rule is `train hybrid`'s (run `lesiontriage train "
+                "closeup-rule`, then `train tiers`)") if pipeline.get("hybrid_choice") else None
+    differ = [k for k, f in RULE_SETTINGS.items() if pipeline.get(k) != record["chosen"].get(f)]
+    if differ:
+        return (f"pipeline {', '.join(differ)} differ from `train closeup-rule`'s choice (was `train hybrid` re-run "
+                "after it? run `lesiontriage train closeup-rule`, then `train tiers`)")
+    models = meta.get("models", {})
+    changed = sorted(k for k, sha in record.get("model_sha256", {}).items()
+                     if _scores_image(k) and models.get(k, {}).get("sha256") != sha)
+    added = sorted(k for k in models if _scores_image(k) and k not in record.get("model_sha256", {}))
+    if changed or added:
+        return (f"models changed since `train closeup-rule` chose the rule: {', '.join(changed + added)} (run `lesiontriage "
+                "train hybrid`, `train closeup-rule`, then `train tiers`)")
+    return None
+
+
 def run_closeup_rule(models_dir: Path = MODELS_DIR, manifest_path: Path | None = None, data_root: Path | None = None,
                      study: CloseupRuleStudy | None = None, command: str = "") -> CloseupRuleChoice:
     """Score the validation photos and scenes with the shipped models, choose, and write the choice to metadata.json."""
