@@ -26,11 +26,11 @@ import pandas as pd
 from rich.console import Console
 
 from lesiontriage.data.manifest import load_manifest
-from lesiontriage.networks.whole_view import whole_view_spec
+from lesiontriage.networks.whole_view import whole_view_spec, whole_view_tta
 from lesiontriage.paths import MODELS_DIR, RUNS_DIR
 from lesiontriage.train.classifier import ClassifierTrainConfig, select_rows
 from lesiontriage.train.export import export_classifier
-from lesiontriage.train.hybrid import HybridStudy, _member_logits, whole_score_table
+from lesiontriage.train.hybrid import HybridStudy, _member_logits, choose_whole_view, whole_score_table
 from lesiontriage.weights import read_metadata
 
 CANDIDATE = "image_classifier_candidate"
@@ -52,8 +52,8 @@ def main() -> None:
     meta = read_metadata(MODELS_DIR)
     spec = whole_view_spec(meta)
     shipped = tuple(spec.members)
-    trained = int(meta["models"]["image_classifier"]["config"]["input_size"])
-    tta = (int(spec.input_size or trained), bool(spec.flip_tta))
+    size, flips = whole_view_tta(meta)  # the view's augmentation, as step 0 names it
+    tta = (int(size or meta["models"]["image_classifier"]["config"]["input_size"]), flips)
     study = HybridStudy()
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
@@ -66,18 +66,21 @@ def main() -> None:
     strata = (rows["source"] + "/" + rows["modality"]).astype(str).tolist()
     table = whole_score_table(members, strata, rows["malignant"].astype(int).to_numpy(), study.subtype_weights,
                               candidate_sets(shipped))
+    # step 0's own decision: the best row replaces the shipped view only with a gain >= the bar
+    chosen, _, _, _ = choose_whole_view(table, study.min_gain, (shipped, float(spec.subtype_weight), tta))
+    worth = CANDIDATE in chosen
     base = table[(table["members"] == "+".join(shipped)) & (table["subtype_weight"] == float(spec.subtype_weight))]
     best = table.loc[table["macro"].idxmax()]
     gain = float(best["macro"]) - float(base["macro"].iloc[0])
     pd.set_option("display.width", 250)
     print(table.drop(columns=["input_size", "flip_tta"]).round(4).to_string(index=False))  # plain: no wrapping
-    verdict = "worth exporting" if gain >= study.min_gain else "below the bar: not worth exporting"
+    verdict = "worth exporting" if worth else "below the bar: not worth exporting"
     console.print(f"{args.run}: shipped view {float(base['macro'].iloc[0]):.4f}; best {best['members']} (sub-type share "
                   f"{best['subtype_weight']}) {float(best['macro']):.4f}, {gain:+.4f}: {verdict} (bar {study.min_gain}; "
                   f"{tta[0]} px, flips {tta[1]})")
     if args.out:
         args.out.write_text(json.dumps({"run": args.run, "shipped": list(shipped), "gain": round(gain, 4),
-                                        "worth_exporting": gain >= study.min_gain,
+                                        "worth_exporting": worth,
                                         "table": table.round(4).to_dict(orient="records")}, indent=1))
 
 
